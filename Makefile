@@ -1,0 +1,52 @@
+# ragtrain: the two commands are `make demo` (the default pipeline) and `make test`.
+# Both create the virtualenv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# torch is installed first, on its own, so that a CPU-only machine gets a CPU build:
+# here pip finds the local torch==2.13.0+cpu file; elsewhere pass
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu   (CPU wheels)
+# or TORCH_SPEC=torch (a CUDA build from PyPI on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_EXTRA ?=
+# Where `make demo` takes its data from; empty = data.source in params.yaml (the official URL).
+DATA_SOURCE ?=
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: venv demo test test-fast lint clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]" $(PIP_EXTRA)
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The default pipeline: dvc repro (then push the data and outputs to the DVC remote).
+demo: venv
+	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
+	dvc repro
+	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
+	@echo; dvc metrics show
+
+# The whole test suite, slow integration tests included (what CI runs).
+test: venv
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
+	  $(BIN)/python -m pytest -q
+
+# Everything but the slow integration tests.
+test-fast: venv
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check src tests flows bench
+
+clean-venv:
+	rm -rf $(VENV)

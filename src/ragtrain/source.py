@@ -1,0 +1,144 @@
+"""Fetch the raw data source (a local path or an http(s) URL) and verify its pinned sha256."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ragtrain.errors import SourceError
+from ragtrain.io import atomic_path
+
+MANIFEST = "SOURCE.json"
+_CHUNK = 1 << 20
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https")
+
+
+def _sha256_stream(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _file_chunks(f: Any) -> Iterable[bytes]:
+    while chunk := f.read(_CHUNK):
+        yield chunk
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256_stream(_file_chunks(f))
+
+
+def sha256_payload(path: Path, name_for_errors: str | None = None) -> str | None:
+    """sha256 of the decompressed payload of a .gz or a one-member .zip; None otherwise."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return _sha256_stream(_file_chunks(f))
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                members = [m for m in z.infolist() if not m.is_dir()]
+                if len(members) == 1:
+                    with z.open(members[0]) as f:
+                        return _sha256_stream(_file_chunks(f))
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise SourceError(
+            f"{name_for_errors or path}: not a valid {path.suffix[1:]} file ({e})"
+        ) from None
+    return None
+
+
+def sha256_tree(root: Path) -> str:
+    """sha256 over the sorted relative paths and file hashes of a folder."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path, timeout_s: float) -> None:
+    hint = (
+        "If this machine is offline, point data.source at a local copy, e.g. "
+        "`ragtrain params set data.source=/path/to/dev-v1.1.json.zip` "
+        "or `make demo DATA_SOURCE=/path/to/dev-v1.1.json.zip`"
+    )
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "ragtrain"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f, _CHUNK)
+    except urllib.error.HTTPError as e:
+        raise SourceError(f"data.source: cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SourceError(f"data.source: cannot download {url}: {reason}. {hint}") from None
+
+
+def _verify(path: Path, expected: str, source: str) -> dict[str, Any]:
+    file_sha = sha256_tree(path) if path.is_dir() else sha256_file(path)
+    payload_sha = None if path.is_dir() else sha256_payload(path, source)
+    if expected and expected not in (file_sha, payload_sha):
+        got = f"file {file_sha}" + (f", decompressed payload {payload_sha}" if payload_sha else "")
+        raise SourceError(
+            f"data.sha256: checksum mismatch for {source}: expected {expected}, got {got}. "
+            "Is it the right file? If you changed the data on purpose, set data.sha256 to the "
+            "new hash (or to \"\" to skip the check)."
+        )
+    return {"sha256_file": file_sha, "sha256_payload": payload_sha}
+
+
+def fetch_source(source: str, expected_sha256: str, out_dir: Path, *, root: Path,
+                 timeout_s: float = 60.0) -> dict[str, Any]:
+    """Copy or download ``source`` into ``out_dir`` (atomically), verify it; return the manifest."""
+    if not source:
+        raise SourceError("data.source: empty; set it to a local path or an http(s) URL")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        if is_url(source):
+            name = Path(urllib.parse.urlparse(source).path).name or "download"
+            dest = tmp / name
+            _download(source, dest, timeout_s)
+        else:
+            src = Path(source).expanduser()
+            if not src.is_absolute():
+                src = root / src
+            if not src.exists():
+                raise SourceError(
+                    f"data.source: {source} does not exist (resolved to {src.resolve()})"
+                )
+            dest = tmp / src.name
+            if src.is_dir():
+                shutil.copytree(src, dest)
+            else:
+                shutil.copyfile(src, dest)
+        hashes = _verify(dest, expected_sha256, source)
+        manifest = {
+            "source": source,
+            "file": dest.name,
+            "pinned_sha256": expected_sha256 or None,
+            **hashes,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def raw_payload(raw_dir: Path) -> Path:
+    """The fetched file or folder inside ``raw_dir`` (named in its manifest)."""
+    manifest = raw_dir / MANIFEST
+    if not manifest.exists():
+        raise SourceError(f"{manifest}: missing; run `ragtrain fetch` first")
+    name = json.loads(manifest.read_text(encoding="utf-8"))["file"]
+    return raw_dir / name

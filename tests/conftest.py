@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, before anything imports transformers / mlflow / prefect.
+for k, v in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(k, v)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+BIN = Path(sys.executable).parent
+
+
+def squad_dev_zip() -> Path:
+    """The official SQuAD v1.1 dev set beside the checkout (../shared), or $RAGTRAIN_SQUAD_DEV."""
+    p = Path(os.environ.get("RAGTRAIN_SQUAD_DEV",
+                            REPO.parent / "shared/data/squad-v1.1/dev-v1.1.json.zip"))
+    if not p.exists():
+        pytest.fail(f"SQuAD v1.1 dev not found at {p}; set RAGTRAIN_SQUAD_DEV")
+    return p
+
+
+@pytest.fixture(scope="session")
+def squad_zip() -> Path:
+    return squad_dev_zip()
+
+
+def run_cli(args: list[str], cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `ragtrain` console script in ``cwd``."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run([str(BIN / "ragtrain"), *args], cwd=cwd, env=env, capture_output=True,
+                       text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ragtrain {args} failed:\n{r.stdout}\n{r.stderr}")
+    return r
