@@ -43,3 +43,22 @@ def run_cli(args: list[str], cwd: Path, check: bool = False) -> subprocess.Compl
     if check and r.returncode != 0:
         raise AssertionError(f"ragtrain {args} failed:\n{r.stdout}\n{r.stderr}")
     return r
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT (random weights, MiniLM's real tokenizer), saved once per session."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ragtrain.models import resolve_model_path
+
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -41,6 +41,34 @@ def _cmd_prepare(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> 
     _print_stats(stats)
 
 
+def _cmd_build_bm25(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    print(f"built BM25 index {stages.run_build_bm25(cfg, paths)}")
+
+
+def _cmd_train_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    m = stages.run_train_retriever(cfg, paths, resume=args.resume)
+    print(f"trained retriever -> {paths.retriever}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in m.items()))
+
+
+def _cmd_build_index(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    print(f"built {cfg.index.kind} index {stages.run_build_index(cfg, paths)}")
+
+
+def _cmd_eval_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    m = stages.run_eval_retriever(cfg, paths)
+    split = cfg.evaluation.split
+    names = ("bm25", "untrained", "dense", "hybrid")
+    cols = [f"recall_at_{k}" for k in cfg.evaluation.recall_ks] + [
+        f"mrr_at_{cfg.evaluation.rank_cutoff}", f"ndcg_at_{cfg.evaluation.rank_cutoff}"]
+    print(f"{split} retrieval ({int(m[f'{split}/n_questions'])} questions; "
+          f"the RAG model uses {cfg.retriever.kind}):")
+    print(f"  {'':10s}" + "".join(f"{c:>14s}" for c in cols))
+    for n in names:
+        print(f"  {n:10s}" + "".join(f"{m.get(f'{split}/{n}/{c}', float('nan')):14.4f}"
+                                     for c in cols))
+
+
 def _cmd_config_show(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
     d = to_dict(cfg)
     print(json.dumps(d, indent=2) if args.format == "json" else dump_yaml(d), end="")
@@ -58,6 +86,12 @@ def _cmd_params_set(cfg: Config, paths: stages.Paths, args: argparse.Namespace) 
 STAGES: dict[str, tuple[Callable[..., None], str]] = {
     "fetch": (_cmd_fetch, "copy or download data.source into data/raw and verify its sha256"),
     "prepare": (_cmd_prepare, "read, validate, chunk and split the data into data/prepared"),
+    "build-bm25": (_cmd_build_bm25, "build the BM25 index over the corpus"),
+    "train-retriever": (_cmd_train_retriever,
+                        "fine-tune the dense retriever (contrastive, hard negatives)"),
+    "build-index": (_cmd_build_index, "encode the corpus and build the FAISS index"),
+    "eval-retriever": (_cmd_eval_retriever,
+                       "recall@k / MRR / nDCG of BM25, untrained, trained and hybrid retrieval"),
 }
 
 
@@ -73,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, help_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
+        if name == "train-retriever":
+            sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                            help="continue from the last checkpoint of the same run, if any "
+                            "(default: on; --no-resume starts over)")
 
     cp = sub.add_parser("config", help="show the effective config")
     csub = cp.add_subparsers(dest="config_command", required=True, metavar="ACTION")

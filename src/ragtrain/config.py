@@ -86,13 +86,16 @@ class RetrieverConfig:
     hard_negatives_per_query: int = _f(1, ge=0)
     hard_negative_depth: int = _f(20, ge=1)  # mine from this many top candidates
     hard_negative_margin: float = _f(0.0, ge=0)  # dense mining: skip negatives scored within it
-    batch_size: int = _f(32, ge=2)
+    batch_size: int = _f(16, ge=2)  # gold passages per batch (each with its questions)
+    questions_per_passage: int = _f(4, ge=1)  # questions sharing a passage's column per step
+    group_by_document: int = _f(8, ge=0)  # passages per document run in a batch; 0 = random
     grad_accum_steps: int = _f(1, ge=1)
     lr: float = _f(2.0e-5, gt=0)
     weight_decay: float = _f(0.01, ge=0)
     warmup_ratio: float = _f(0.1, ge=0, lt=1)
     grad_clip: float = _f(1.0, ge=0)  # 0 = off
     epochs: int = _f(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     eval_every: int = _f(0, ge=0)  # optimizer steps between dev evaluations; 0 = end of epoch
     checkpoint_every: int = _f(50, ge=1)

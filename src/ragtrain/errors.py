@@ -17,3 +17,15 @@ class DataError(RagtrainError, ValueError):
 
 class SourceError(RagtrainError):
     """The data source cannot be fetched or fails its checksum."""
+
+
+class RetrievalError(RagtrainError, ValueError):
+    """Invalid retrieval input (embeddings, ids, k, queries); the message shows the bad value."""
+
+
+class IndexMismatchError(RetrievalError):
+    """A saved index was built by another encoder or from another corpus; rebuild it."""
+
+
+class IndexFileError(RagtrainError):
+    """A saved index (dense or BM25) is missing or corrupted; the message names the file."""

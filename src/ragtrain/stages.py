@@ -5,13 +5,15 @@ Each stage is a function of files in and files out (paths below), so it can run 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ragtrain import data, source
 from ragtrain.config import Config
-from ragtrain.io import atomic_path, atomic_write_json, write_jsonl
+from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,42 @@ class Paths:
     def prepare_metrics(self) -> Path:
         return self.metrics / "prepare.json"
 
+    @property
+    def bm25(self) -> Path:
+        return self._p("artifacts/bm25")
+
+    @property
+    def retriever(self) -> Path:
+        return self._p("artifacts/retriever")
+
+    @property
+    def retriever_checkpoints(self) -> Path:
+        return self._p("checkpoints/retriever")  # not a DVC out: it must survive a killed run
+
+    @property
+    def retriever_train_metrics(self) -> Path:
+        return self.metrics / "train_retriever.json"
+
+    @property
+    def retriever_train_plot(self) -> Path:
+        return self._p("plots/train_retriever.json")
+
+    @property
+    def embeddings(self) -> Path:
+        return self._p("artifacts/embeddings")
+
+    @property
+    def index(self) -> Path:
+        return self._p("artifacts/index")
+
+    @property
+    def retriever_metrics(self) -> Path:
+        return self.metrics / "retriever.json"
+
+    @property
+    def retriever_predictions(self) -> Path:
+        return self._p("artifacts/eval/retriever_test.jsonl")
+
 
 def run_fetch(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Copy or download data.source into data/raw, verifying data.sha256."""
@@ -64,3 +102,144 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
             write_jsonl(tmp / paths.queries(split).name, rows)
     atomic_write_json(paths.prepare_metrics, prepared.stats)
     return prepared.stats
+
+
+# --------------------------------------------------------------------------- retriever
+
+
+def _queries(paths: Paths, split: str) -> list[dict[str, Any]]:
+    p = paths.queries(split)
+    if not p.exists():
+        raise source.SourceError(f"{p}: missing; run `ragtrain prepare` first")
+    return read_jsonl(p)
+
+
+def run_build_bm25(cfg: Config, paths: Paths) -> Path:
+    """data/prepared/corpus.jsonl -> artifacts/bm25 (BM25 over title + text)."""
+    from ragtrain.bm25 import BM25Retriever
+    from ragtrain.index import sha256_file
+    from ragtrain.retriever_train import Corpus
+
+    corpus = Corpus.load(paths.corpus)
+    BM25Retriever.build(corpus.texts, corpus.ids,
+                        corpus_sha256=sha256_file(paths.corpus)).save(paths.bm25)
+    return paths.bm25
+
+
+def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
+                        on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the bi-encoder on train questions (dev for model selection) -> artifacts/."""
+    from ragtrain.bm25 import BM25Retriever
+    from ragtrain.index import sha256_file
+    from ragtrain.retriever import BiEncoder, EncoderSpec
+    from ragtrain.retriever_train import Corpus, check_gold_ids, train_retriever
+
+    rc = cfg.retriever
+    corpus = Corpus.load(paths.corpus)
+    train, dev = _queries(paths, "train"), _queries(paths, "dev")
+    check_gold_ids(train, corpus, str(paths.queries("train")))
+    check_gold_ids(dev, corpus, str(paths.queries("dev")))
+    bm25 = (BM25Retriever.load(paths.bm25, expect_corpus_sha256=sha256_file(paths.corpus))
+            if rc.hard_negatives in ("bm25", "both") else None)
+    model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    history: list[dict[str, float]] = []
+
+    def step_cb(step: int, logs: Mapping[str, float]) -> None:
+        history.append({"step": step, **logs})
+        if on_step:
+            on_step(step, logs)
+
+    t0 = time.perf_counter()
+    state = train_retriever(
+        model, corpus, train, dev, rc, seed=cfg.seed, ckpt_dir=paths.retriever_checkpoints,
+        resume=resume, bm25=bm25, on_step=step_cb, progress=progress,
+        signature_parts=[sha256_file(paths.corpus), sha256_file(paths.queries("train")),
+                         sha256_file(paths.queries("dev"))])
+    model.save(paths.retriever)
+    metrics: dict[str, Any] = {"train/steps": state.step,
+                               "train/seconds": round(time.perf_counter() - t0, 1)}
+    if state.history:
+        best = max(state.history, key=lambda h: h["dev/recall_at_1"])
+        metrics.update({k: v for k, v in best.items() if k.startswith("dev/")})
+        metrics["dev/best_step"] = best["step"]
+    atomic_write_json(paths.retriever_train_metrics, metrics)
+    losses = [{"step": h["step"], "loss": h["train/loss"], "lr": h["train/lr"]}
+              for h in history if "train/loss" in h]
+    atomic_write_json(paths.retriever_train_plot, losses)
+    return metrics
+
+
+def run_build_index(cfg: Config, paths: Paths) -> Path:
+    """Encode the corpus with the trained passage tower -> artifacts/embeddings, artifacts/index."""
+    import numpy as np
+
+    from ragtrain import runtime
+    from ragtrain.index import build_index, save_index, sha256_file
+    from ragtrain.retriever import BiEncoder
+    from ragtrain.retriever_train import Corpus
+
+    corpus = Corpus.load(paths.corpus)
+    model = BiEncoder.load(paths.retriever)
+    fp = model.fingerprint()
+    with runtime.autocast(runtime.use_bf16(cfg.retriever.precision)):
+        emb = model.encode_passages(corpus.texts, cfg.index.encode_batch_size, progress=True)
+    corpus_sha = sha256_file(paths.corpus)
+    with atomic_path(paths.embeddings) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "embeddings.npy", emb)
+        atomic_write_json(tmp / "meta.json", {"passage_ids": corpus.ids, "dim": emb.shape[1],
+                                              "encoder_fingerprint": fp,
+                                              "corpus_sha256": corpus_sha})
+    idx = build_index(emb, corpus.ids, cfg.index, corpus_sha256=corpus_sha,
+                      encoder_fingerprint=fp, seed=cfg.seed)
+    save_index(idx, paths.index)
+    return paths.index
+
+
+def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
+    """Score BM25, the untrained encoder, the trained one and the hybrid on the same held-out
+    questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
+    from ragtrain import runtime
+    from ragtrain.retrieval import Retriever
+    from ragtrain.retrieval_metrics import evaluate_retrieval
+    from ragtrain.retriever import BiEncoder, EncoderSpec
+    from ragtrain.retriever_train import Corpus, check_gold_ids, exact_search
+
+    ec, rc = cfg.evaluation, cfg.retriever
+    split = ec.split
+    corpus = Corpus.load(paths.corpus)
+    rows = _queries(paths, split)
+    check_gold_ids(rows, corpus, str(paths.queries(split)))
+    questions = [r["question"] for r in rows]
+    k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
+    ranked: dict[str, list[list[str]]] = {}
+    for kind in ("bm25", "dense", "hybrid"):
+        r = Retriever.load(kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                           bm25_dir=paths.bm25)
+        ranked[kind] = r.search(questions, k)[1]
+    base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    with runtime.autocast(runtime.use_bf16(rc.precision)):
+        p = base.encode_passages(corpus.texts, cfg.index.encode_batch_size, progress=True)
+        q = base.encode_queries(questions, 128)
+    ranked["untrained"] = exact_search(q, p, corpus.ids, k)[1]
+
+    gold = [r["gold_passage_ids"] for r in rows]
+    answers = [r["answers"] for r in rows]
+    metrics: dict[str, float] = {}
+    per_q: dict[str, list[dict[str, Any]]] = {}
+    for name in ("bm25", "untrained", "dense", "hybrid"):
+        m, per_q[name] = evaluate_retrieval(ranked[name], gold, ks=ec.recall_ks,
+                                            rank_cutoff=ec.rank_cutoff, split=split,
+                                            passages=corpus.raw, answers=answers)
+        metrics.update({f"{split}/{name}/{key.split('/', 1)[1]}": v for key, v in m.items()})
+        if name == rc.kind:  # the retriever the RAG model uses: unprefixed names
+            metrics.update(m)
+    with atomic_path(paths.retriever_predictions) as tmp:
+        write_jsonl(tmp, (
+            {"id": r["id"], "question": r["question"], "gold_passage_ids": r["gold_passage_ids"],
+             "top_ids": ranked[rc.kind][i][:10],
+             **{f"{name}_gold_rank": per_q[name][i].get("gold_rank") for name in per_q}}
+            for i, r in enumerate(rows)))
+    atomic_write_json(paths.retriever_metrics, metrics)
+    return metrics

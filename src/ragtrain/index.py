@@ -1,0 +1,366 @@
+"""Dense passage index: build, save, load and search; the only module that imports faiss.
+
+Embeddings are assumed L2-normalised, so inner product is cosine similarity. An index is bound
+to the corpus and to the encoder weights that built it (``corpus_sha256`` and
+``encoder_fingerprint`` in its meta); ``load_index`` refuses an index built by another encoder
+or from another corpus when told what to expect.
+
+Index kinds:
+
+- ``flat``: ``IndexFlatIP``, exact.
+- ``hnsw``: ``IndexHNSWFlat`` (inner product); always searched on CPU (faiss has no GPU HNSW).
+- ``ivfpq``: ``IndexIVFPQ`` (inner product), trained on the embeddings themselves.
+  ``nlist`` is reduced to ``n_passages // 39`` (at least 1) when the corpus is too small for
+  ``index.ivf_nlist`` (faiss wants 39 training points per list); ``nprobe`` is capped at nlist.
+  ``pq_m`` must divide the embedding dimension and the corpus must hold at least
+  ``2 ** pq_bits`` passages (one per PQ centroid); otherwise build_index raises, since silently
+  shrinking the code size would change what the index is. Use ``flat`` for tiny corpora.
+  The effective values are recorded in ``meta.params``.
+
+Builds are deterministic: faiss k-means is seeded (``cp.seed``), and flat / HNSW adds do not
+use randomness beyond HNSW's fixed level generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from ragtrain.config import IndexConfig
+from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
+from ragtrain.io import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "passage_ids.json"
+META_FILE = "meta.json"
+METRIC = "inner_product"
+# faiss GPU k-selection supports k up to this; larger k are searched on the CPU copy.
+GPU_MAX_K = 2048
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    kind: str
+    dim: int
+    metric: str
+    n_passages: int
+    corpus_sha256: str
+    encoder_fingerprint: str
+    index_sha256: str  # sha256 of the saved index.faiss; "" until save_index writes it
+    faiss_version: str
+    params: dict[str, int] = field(default_factory=dict)  # effective M, nlist, nprobe, ...
+
+
+@dataclass
+class DenseIndex:
+    index: Any  # a CPU faiss.Index; saved as is
+    passage_ids: list[str]
+    meta: IndexMeta
+    device: str = "cpu"  # where search runs: "cpu" or "gpu"
+    gpu_index: Any = field(default=None, repr=False, compare=False)  # GPU copy used by search
+    gpu_resources: Any = field(default=None, repr=False, compare=False)  # keeps gpu_index alive
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 over sorted tensor names, dtypes, shapes and raw bytes of a state dict."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state[{name!r}]: expected a torch.Tensor, got {type(t).__name__}")
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def validate_embeddings(x: np.ndarray, what: str) -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 (n, dim) array, or raise naming ``what``."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise RetrievalError(f"{what}: not an array ({e})") from None
+    if arr.ndim != 2:
+        raise RetrievalError(f"{what}: expected a 2-D array (n, dim), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise RetrievalError(f"{what}: empty array, shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise RetrievalError(f"{what}: expected numbers, got dtype {arr.dtype}")
+    with np.errstate(over="ignore"):  # float64 overflow -> inf, reported below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr).all(axis=1)  # (n,)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise RetrievalError(
+            f"{what}: {int((~finite).sum())} row(s) contain NaN or inf (first bad row: {bad})"
+        )
+    return arr
+
+
+def _check_ids(passage_ids: Sequence[str], n: int, what: str) -> list[str]:
+    ids = list(passage_ids)
+    if len(ids) != n:
+        raise RetrievalError(f"{what}: {len(ids)} passage ids for {n} embedding rows")
+    seen: set[str] = set()
+    for i, pid in enumerate(ids):
+        if not isinstance(pid, str):
+            raise RetrievalError(f"{what}: passage id at {i} is not a string: {pid!r}")
+        if pid in seen:
+            raise RetrievalError(f"{what}: duplicate passage id {pid!r} (at {i})")
+        seen.add(pid)
+    return ids
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _resolve_device(device: str, kind: str) -> str:
+    """'cpu' or 'gpu' for where search runs, given index.device and index.kind."""
+    if device == "cpu":
+        return "cpu"
+    if device == "gpu":
+        if not _gpu_available():
+            raise RetrievalError(
+                "index.device: 'gpu' requested, but the installed faiss has no GPU support or "
+                "sees no GPU (install faiss-gpu, or set index.device to 'auto' or 'cpu')"
+            )
+        if kind == "hnsw":
+            raise RetrievalError(
+                "index.device: 'gpu' requested, but faiss has no GPU HNSW index; use "
+                "index.kind 'flat' or 'ivfpq', or index.device 'auto' (HNSW then runs on CPU)"
+            )
+        return "gpu"
+    if device == "auto":
+        return "gpu" if kind != "hnsw" and _gpu_available() else "cpu"
+    raise RetrievalError(f"index.device: expected 'auto', 'cpu' or 'gpu', got {device!r}")
+
+
+def _place(idx: DenseIndex, device: str) -> DenseIndex:
+    """Attach a GPU copy of the index for search when ``device`` resolves to 'gpu'."""
+    want = _resolve_device(device, idx.meta.kind)
+    if want == "cpu":
+        idx.device, idx.gpu_index, idx.gpu_resources = "cpu", None, None
+        return idx
+    res = faiss.StandardGpuResources()
+    co = faiss.GpuClonerOptions()
+    co.useFloat16LookupTables = True  # IVFPQ with many sub-quantizers needs it on GPU
+    try:
+        gpu = faiss.index_cpu_to_gpu(res, 0, idx.index, co)
+    except RuntimeError as e:
+        if device == "gpu":
+            raise RetrievalError(f"index: cannot copy the {idx.meta.kind} index to GPU: {e}") from e
+        log.warning("index: cannot copy the %s index to GPU (%s); searching on CPU",
+                    idx.meta.kind, e)
+        idx.device, idx.gpu_index, idx.gpu_resources = "cpu", None, None
+        return idx
+    idx.device, idx.gpu_index, idx.gpu_resources = "gpu", gpu, res
+    return idx
+
+
+def _ivfpq(x: np.ndarray, cfg: IndexConfig, seed: int) -> tuple[Any, dict[str, int]]:
+    n, dim = x.shape
+    if dim % cfg.pq_m:
+        raise RetrievalError(
+            f"index.pq_m: must divide the embedding dimension {dim}, got {cfg.pq_m}"
+        )
+    n_codes = 2**cfg.pq_bits
+    if n < n_codes:
+        raise RetrievalError(
+            f"index.kind 'ivfpq': the corpus has {n} passages, but PQ with index.pq_bits="
+            f"{cfg.pq_bits} needs at least {n_codes} to train; lower index.pq_bits or use "
+            f"index.kind 'flat' or 'hnsw'"
+        )
+    nlist = max(1, min(cfg.ivf_nlist, n // 39))
+    if nlist < cfg.ivf_nlist:
+        log.info("index: ivf_nlist reduced from %d to %d for %d passages",
+                 cfg.ivf_nlist, nlist, n)
+    if n < 39 * n_codes:
+        log.warning("index: %d passages train %d PQ centroids per sub-quantizer poorly "
+                    "(faiss wants %d); recall may suffer", n, n_codes, 39 * n_codes)
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, cfg.pq_bits,
+                             faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.pq.cp.seed = seed
+    index.pq.cp.min_points_per_centroid = 1  # warned above, in our words, not on raw stderr
+    index.train(x)
+    index.nprobe = min(cfg.ivf_nprobe, nlist)
+    params = {"nlist": nlist, "nprobe": index.nprobe, "pq_m": cfg.pq_m, "pq_bits": cfg.pq_bits}
+    return index, params
+
+
+def build_index(
+    embeddings: np.ndarray,
+    passage_ids: Sequence[str],
+    cfg: IndexConfig,
+    *,
+    corpus_sha256: str,
+    encoder_fingerprint: str,
+    seed: int = 0,
+) -> DenseIndex:
+    """Build a ``cfg.kind`` inner-product index over L2-normalised passage embeddings."""
+    x = validate_embeddings(embeddings, "passage embeddings")  # (n_passages, dim)
+    n, dim = x.shape
+    ids = _check_ids(passage_ids, n, "passage embeddings")
+    if cfg.kind == "flat":
+        index: Any = faiss.IndexFlatIP(dim)
+        params: dict[str, int] = {}
+    elif cfg.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+        params = {"M": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction,
+                  "ef_search": cfg.hnsw_ef_search}
+    elif cfg.kind == "ivfpq":
+        index, params = _ivfpq(x, cfg, seed)
+    else:
+        raise RetrievalError(f"index.kind: expected 'flat', 'hnsw' or 'ivfpq', got {cfg.kind!r}")
+    index.add(x)
+    meta = IndexMeta(
+        kind=cfg.kind, dim=dim, metric=METRIC, n_passages=n, corpus_sha256=corpus_sha256,
+        encoder_fingerprint=encoder_fingerprint, index_sha256="",
+        faiss_version=faiss.__version__, params=params,
+    )
+    return _place(DenseIndex(index=index, passage_ids=ids, meta=meta), cfg.device)
+
+
+def save_index(idx: DenseIndex, out_dir: Path) -> None:
+    """Atomically write ``index.faiss``, ``passage_ids.json`` and ``meta.json`` to ``out_dir``.
+
+    Sets ``idx.meta.index_sha256`` to the hash of the written index file.
+    """
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        faiss.write_index(idx.index, str(tmp / INDEX_FILE))  # always the CPU index
+        meta = dataclasses.replace(idx.meta, index_sha256=sha256_file(tmp / INDEX_FILE))
+        atomic_write_json(tmp / IDS_FILE, idx.passage_ids)
+        atomic_write_json(tmp / META_FILE, dataclasses.asdict(meta))
+    idx.meta = meta
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise IndexFileError(f"{path}: missing; rebuild the index (ragtrain build-index)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFileError(f"{path}: corrupted ({e}); rebuild the index") from None
+
+
+def _read_meta(path: Path) -> IndexMeta:
+    raw = _read_json(path)
+    names = {f.name for f in dataclasses.fields(IndexMeta)}
+    if not isinstance(raw, dict) or set(raw) - names or {n for n in names if n != "params"} - set(
+        raw
+    ):
+        raise IndexFileError(
+            f"{path}: not an index meta file (expected keys {sorted(names)}); rebuild the index"
+        )
+    return IndexMeta(**raw)
+
+
+def load_index(
+    in_dir: Path,
+    *,
+    expect_encoder_fingerprint: str | None = None,
+    expect_corpus_sha256: str | None = None,
+    device: str = "auto",
+) -> DenseIndex:
+    """Read an index folder written by ``save_index``, verifying its integrity and provenance."""
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise IndexFileError(f"{in_dir}: no index folder here; build it (ragtrain build-index)")
+    meta = _read_meta(in_dir / META_FILE)
+    if expect_encoder_fingerprint is not None and meta.encoder_fingerprint != (
+        expect_encoder_fingerprint
+    ):
+        raise IndexMismatchError(
+            f"index at {in_dir} was built by encoder {meta.encoder_fingerprint}, but the query "
+            f"encoder is {expect_encoder_fingerprint}; rebuild the index (ragtrain build-index)"
+        )
+    if expect_corpus_sha256 is not None and meta.corpus_sha256 != expect_corpus_sha256:
+        raise IndexMismatchError(
+            f"index at {in_dir} was built from corpus {meta.corpus_sha256}, but the current "
+            f"corpus is {expect_corpus_sha256}; rebuild the index (ragtrain build-index)"
+        )
+    index_path = in_dir / INDEX_FILE
+    if not index_path.is_file():
+        raise IndexFileError(f"{index_path}: missing; rebuild the index (ragtrain build-index)")
+    got = sha256_file(index_path)
+    if got != meta.index_sha256:
+        raise IndexFileError(
+            f"{index_path}: corrupted (sha256 {got} does not match {meta.index_sha256} in "
+            f"{META_FILE}); rebuild the index (ragtrain build-index)"
+        )
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        raise IndexFileError(
+            f"{index_path}: faiss cannot read it ({e}); rebuild the index"
+        ) from None
+    ids = _read_json(in_dir / IDS_FILE)
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise IndexFileError(f"{in_dir / IDS_FILE}: expected a JSON list of strings")
+    if len(ids) != index.ntotal or index.ntotal != meta.n_passages:
+        raise IndexFileError(
+            f"{in_dir / IDS_FILE}: {len(ids)} passage ids, but {INDEX_FILE} holds {index.ntotal} "
+            f"vectors and {META_FILE} says {meta.n_passages}; rebuild the index"
+        )
+    if index.d != meta.dim:
+        raise IndexFileError(
+            f"{index_path}: dimension {index.d}, but {META_FILE} says {meta.dim}; rebuild the index"
+        )
+    if len(set(ids)) != len(ids):
+        raise IndexFileError(f"{in_dir / IDS_FILE}: duplicate passage ids; rebuild the index")
+    return _place(DenseIndex(index=index, passage_ids=ids, meta=meta), device)
+
+
+def search(idx: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Top-k passages per query: scores ``# (n_queries, k)`` and ids, best first.
+
+    An approximate index (IVF) can find fewer than k passages for a query; the id list is then
+    shorter and the missing scores are ``-inf``.
+    """
+    q = validate_embeddings(queries, "query embeddings")  # (n_queries, dim)
+    if q.shape[1] != idx.meta.dim:
+        raise RetrievalError(
+            f"query embeddings have dimension {q.shape[1]}, but the index has dimension "
+            f"{idx.meta.dim}; encode queries with the encoder that built the index"
+        )
+    n = len(idx.passage_ids)
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
+        raise RetrievalError(f"k: must be an integer between 1 and {n} (passages), got {k!r}")
+    k = int(k)
+    use_gpu = idx.gpu_index is not None and k <= GPU_MAX_K
+    scores, rows = (idx.gpu_index if use_gpu else idx.index).search(q, k)  # (n_queries, k)
+    scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+    ids = [[idx.passage_ids[r] for r in row if r >= 0] for row in rows.tolist()]
+    return scores, ids

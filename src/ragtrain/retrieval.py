@@ -1,0 +1,83 @@
+"""One retriever interface over the parts: dense (encoder + FAISS), BM25, or their fusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ragtrain import fusion, runtime
+from ragtrain.bm25 import BM25Retriever
+from ragtrain.config import RetrieverConfig
+from ragtrain.errors import RetrievalError
+from ragtrain.index import DenseIndex, load_index, search
+from ragtrain.retriever import BiEncoder
+
+
+@dataclass
+class Retriever:
+    """Searches by ``kind``: "dense", "bm25" or "hybrid" (fusion of both, ``cfg.hybrid``)."""
+
+    kind: str
+    cfg: RetrieverConfig
+    encoder: BiEncoder | None = None
+    index: DenseIndex | None = None
+    bm25: BM25Retriever | None = None
+
+    @classmethod
+    def load(cls, kind: str, cfg: RetrieverConfig, *, encoder_dir: Path, index_dir: Path,
+             bm25_dir: Path) -> Retriever:
+        """Load what ``kind`` needs; the index must have been built by this encoder."""
+        encoder = index = bm25 = None
+        if kind in ("dense", "hybrid"):
+            encoder = BiEncoder.load(encoder_dir)
+            index = load_index(index_dir, expect_encoder_fingerprint=encoder.fingerprint())
+        if kind in ("bm25", "hybrid"):
+            bm25 = BM25Retriever.load(bm25_dir)
+        if index is not None and bm25 is not None and (
+                index.meta.corpus_sha256 != bm25.corpus_sha256):
+            raise RetrievalError(f"{index_dir} and {bm25_dir} were built from different corpora; "
+                                 "rebuild both (dvc repro)")
+        return cls(kind, cfg, encoder, index, bm25)
+
+    @property
+    def n_passages(self) -> int:
+        if self.index is not None:
+            return len(self.index.passage_ids)
+        assert self.bm25 is not None
+        return len(self.bm25.passage_ids)
+
+    def dense(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, list[list[str]]]:
+        if self.encoder is None or self.index is None:
+            raise RetrievalError(f"retriever kind {self.kind!r} has no dense index")
+        with runtime.autocast(runtime.use_bf16(self.cfg.precision)):
+            q = self.encoder.encode_queries(list(questions), batch_size=128)
+        return search(self.index, q, k)
+
+    def search(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k passages per question: scores # (n_questions, k) and ids, best first."""
+        n = self.n_passages
+        if not 1 <= k <= n:
+            raise RetrievalError(f"k: must be between 1 and {n} (passages in the corpus), got {k}")
+        if not questions:
+            raise RetrievalError("no questions to search for")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str) or not q.strip():
+                raise RetrievalError(f"question {i}: empty")
+        if self.kind == "dense":
+            return self.dense(questions, k)
+        if self.kind == "bm25":
+            assert self.bm25 is not None
+            return self.bm25.search(list(questions), k)
+        h = self.cfg.hybrid
+        depth = min(n, max(k, h.depth))
+        d_scores, d_ids = self.dense(questions, depth)
+        assert self.bm25 is not None
+        b_scores, b_ids = self.bm25.search(list(questions), depth)
+        if h.fusion == "rrf":
+            rankings = [[d, b] for d, b in zip(d_ids, b_ids, strict=True)]
+            return fusion.reciprocal_rank_fusion(rankings, top_k=k, k=h.rrf_k)
+        return fusion.weighted_score_fusion(d_scores, d_ids, b_scores, b_ids,
+                                            dense_weight=h.dense_weight, top_k=k)

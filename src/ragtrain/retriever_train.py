@@ -1,0 +1,280 @@
+"""Supervised retriever training on (question, gold passage) pairs, and dense evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from ragtrain import losses, runtime, trainer
+from ragtrain.config import RetrieverConfig
+from ragtrain.errors import DataError
+from ragtrain.io import read_jsonl
+from ragtrain.mining import mine_hard_negatives
+from ragtrain.retrieval_metrics import evaluate_retrieval
+from ragtrain.retriever import BiEncoder, passage_input
+
+
+@dataclass(frozen=True)
+class Corpus:
+    ids: list[str]
+    texts: list[str]  # what the encoders see: title + text
+    raw: dict[str, str]  # passage text alone, for answer matching
+
+    @classmethod
+    def load(cls, path: Path) -> Corpus:
+        rows = read_jsonl(path)
+        if not rows:
+            raise DataError(f"{path}: empty corpus (no passages)")
+        return cls([r["passage_id"] for r in rows],
+                   [passage_input(r.get("title", ""), r["text"]) for r in rows],
+                   {r["passage_id"]: r["text"] for r in rows})
+
+    @property
+    def by_id(self) -> dict[str, str]:
+        return dict(zip(self.ids, self.texts, strict=True))
+
+
+def labelled(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Questions that have a gold passage (unlabelled ones cannot train or score retrieval)."""
+    return [r for r in rows if r["gold_passage_ids"]]
+
+
+def check_gold_ids(rows: Sequence[dict[str, Any]], corpus: Corpus, where: str) -> None:
+    known = set(corpus.ids)
+    for r in rows:
+        for g in r["gold_passage_ids"]:
+            if g not in known:
+                raise DataError(f"{where}: question {r['id']!r} names gold passage {g!r}, which "
+                                "is not in the corpus; rerun `ragtrain prepare`")
+
+
+def exact_search(q: np.ndarray, p: np.ndarray, ids: Sequence[str],
+                 k: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Brute-force inner-product top-k: scores # (n_queries, k) and ids."""
+    k = min(k, p.shape[0])
+    s = q @ p.T  # (n_queries, n_passages)
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(s, top, 1).argsort(axis=1, kind="stable")[:, ::-1]
+    top = np.take_along_axis(top, order, 1)
+    return np.take_along_axis(s, top, 1), [[ids[j] for j in row] for row in top]
+
+
+def evaluate_dense(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]], *,
+                   split: str, ks: Sequence[int] = (1, 5, 20, 100), cutoff: int = 10,
+                   batch_size: int = 64, bf16: bool = False,
+                   passage_emb: np.ndarray | None = None) -> dict[str, float]:
+    """Exact dense retrieval metrics of ``model`` on labelled ``rows`` over the whole corpus."""
+    with runtime.autocast(bf16):
+        p = passage_emb if passage_emb is not None else model.encode_passages(
+            corpus.texts, batch_size)
+        q = model.encode_queries([r["question"] for r in rows], batch_size)
+    _, ranked = exact_search(q, p, corpus.ids, max(max(ks), cutoff))
+    metrics, _ = evaluate_retrieval(ranked, [r["gold_passage_ids"] for r in rows], ks=ks,
+                                    rank_cutoff=cutoff, split=split)
+    return metrics
+
+
+def run_signature(cfg: RetrieverConfig, seed: int, *parts: str) -> str:
+    """Identifies a training run: a checkpoint is resumed only by a run with the same one."""
+    h = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
+    for p in parts:
+        h.update(p.encode())
+    return h.hexdigest()
+
+
+def mine(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]],
+         cfg: RetrieverConfig, *, bm25: Any | None, bf16: bool) -> list[list[str]]:
+    """Hard negatives per question, by cfg.hard_negatives (bm25, dense or both, interleaved)."""
+    n, depth = cfg.hard_negatives_per_query, cfg.hard_negative_depth
+    if cfg.hard_negatives == "none" or n == 0:
+        return [[] for _ in rows]
+    gold = [r["gold_passage_ids"] for r in rows]
+    answers = [r["answers"] for r in rows]
+    questions = [r["question"] for r in rows]
+    k = min(depth, len(corpus.ids))
+    pools: list[list[list[str]]] = []
+    if cfg.hard_negatives in ("bm25", "both"):
+        if bm25 is None:
+            raise ValueError("bm25 hard negatives need a BM25 index")
+        _, ranked = bm25.search(questions, k)
+        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.raw, n))
+    if cfg.hard_negatives in ("dense", "both"):
+        with runtime.autocast(bf16):
+            p = model.encode_passages(corpus.texts, 64)
+            q = model.encode_queries(questions, 64)
+        scores, ranked = exact_search(q, p, corpus.ids, k)
+        pos = {pid: i for i, pid in enumerate(corpus.ids)}
+        gold_scores = [max(float(q[i] @ p[pos[g]]) for g in gold[i]) for i in range(len(rows))]
+        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.raw, n,
+                                         ranked_scores=scores, gold_scores=gold_scores,
+                                         margin=cfg.hard_negative_margin))
+    mixed = []
+    for i in range(len(rows)):
+        seen: list[str] = []
+        for cands in zip(*(pool[i] for pool in pools), strict=False):
+            seen += [c for c in cands if c not in seen]
+        mixed.append(seen[:n])
+    return mixed
+
+
+@dataclass
+class Batches:
+    """Training batches of passages, each with some of its questions.
+
+    A batch holds ``batch_size`` gold passages; each brings up to ``questions_per_passage`` of
+    its training questions (sampled per step), and all of them share that passage's column, so
+    one passage forward pass serves several questions. With ``group_by_document > 0``, runs of
+    that many passages come from the same document: in-batch negatives from the same article
+    are hard negatives at no extra cost. Batch ``i`` is a pure function of (seed, i).
+    """
+
+    passage_ids: list[str]
+    rows_of: dict[str, list[int]]
+    doc_of: dict[str, str]
+    batch_size: int
+    questions_per_passage: int
+    group_by_document: int
+    seed: int
+    _orders: dict[int, list[str]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, rows: Sequence[dict[str, Any]], cfg: RetrieverConfig,
+              seed: int) -> Batches:
+        rows_of: dict[str, list[int]] = {}
+        doc_of: dict[str, str] = {}
+        for i, r in enumerate(rows):
+            pid = r["gold_passage_ids"][0]
+            rows_of.setdefault(pid, []).append(i)
+            doc_of[pid] = r.get("doc_id", pid)
+        return cls(sorted(rows_of), rows_of, doc_of, cfg.batch_size,
+                   cfg.questions_per_passage, cfg.group_by_document, seed)
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.passage_ids) / self.batch_size)
+
+    def epoch(self, e: int) -> list[str]:
+        """The passage order of epoch ``e`` (cached)."""
+        if e not in self._orders:
+            self._orders = {e: self._order(e)}
+        return self._orders[e]
+
+    def _order(self, e: int) -> list[str]:
+        rng = np.random.default_rng([self.seed, e])
+        if not self.group_by_document:
+            return [self.passage_ids[i] for i in rng.permutation(len(self.passage_ids))]
+        by_doc: dict[str, list[str]] = {}
+        for pid in self.passage_ids:
+            by_doc.setdefault(self.doc_of[pid], []).append(pid)
+        blocks: list[list[str]] = []
+        for d in sorted(by_doc):
+            ps = [by_doc[d][i] for i in rng.permutation(len(by_doc[d]))]
+            blocks += [ps[i : i + self.group_by_document]
+                       for i in range(0, len(ps), self.group_by_document)]
+        return [p for b in rng.permutation(len(blocks)) for p in blocks[b]]
+
+    def __call__(self, i: int) -> tuple[list[str], list[int], list[int]]:
+        """Micro-batch i: its passages, question row indices, and each question's column."""
+        e, b = divmod(i, self.per_epoch)
+        pids = self.epoch(e)[b * self.batch_size : (b + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, 1, i])
+        rows, targets = [], []
+        for c, pid in enumerate(pids):
+            cand = self.rows_of[pid]
+            for j in rng.permutation(len(cand))[: self.questions_per_passage]:
+                rows.append(cand[j])
+                targets.append(c)
+        return pids, rows, targets
+
+
+def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]],
+                 negatives: Sequence[Sequence[str]], cfg: RetrieverConfig, *, seed: int,
+                 bf16: bool) -> Callable[[int], tuple[torch.Tensor, int]]:
+    """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
+    text = corpus.by_id
+    gold = [set(r["gold_passage_ids"]) for r in rows]
+    batches = Batches.build(rows, cfg, seed)
+
+    def loss_fn(i: int) -> tuple[torch.Tensor, int]:
+        pids, idx, targets = batches(i)
+        with runtime.autocast(bf16):
+            q = model.forward_queries([rows[j]["question"] for j in idx])
+            if cfg.loss == "cosine":
+                p = model.forward_passages([text[pid] for pid in pids])
+                return losses.cosine_loss(q, p[targets]), len(idx)
+            columns = list(dict.fromkeys(pids + [n for j in idx for n in negatives[j]]))
+            p = model.forward_passages([text[c] for c in columns])
+        mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
+        loss = losses.in_batch_nll_loss(q, p, torch.tensor(targets), cfg.temperature, mask)
+        return loss, len(idx)
+
+    return loss_fn
+
+
+def total_steps(rows: Sequence[dict[str, Any]], cfg: RetrieverConfig) -> int:
+    n_passages = len({r["gold_passage_ids"][0] for r in rows})
+    per_epoch = math.ceil(math.ceil(n_passages / cfg.batch_size) / cfg.grad_accum_steps)
+    return cfg.max_steps or cfg.epochs * per_epoch
+
+
+def train_retriever(
+    model: BiEncoder,
+    corpus: Corpus,
+    train_rows: Sequence[dict[str, Any]],
+    dev_rows: Sequence[dict[str, Any]],
+    cfg: RetrieverConfig,
+    *,
+    seed: int,
+    ckpt_dir: Path,
+    resume: bool = False,
+    bm25: Any | None = None,
+    on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+    progress: bool = True,
+    signature_parts: Sequence[str] = (),
+) -> trainer.TrainState:
+    """Train ``model`` in place; it ends holding the best dev weights (or the last ones)."""
+    trainer.seed_everything(seed)
+    rows = labelled(train_rows)
+    dev = labelled(dev_rows)
+    if not rows:
+        raise DataError("no training question has a gold passage")
+    bf16 = runtime.use_bf16(cfg.precision)
+    negatives = mine(model, corpus, rows, cfg, bm25=bm25, bf16=bf16)
+    signature = run_signature(cfg, seed, model.fingerprint(), *signature_parts)
+    resumed = trainer.prepare_ckpt_dir(ckpt_dir, signature, resume)
+    loop = trainer.LoopConfig(
+        total_steps=total_steps(rows, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+        grad_accum_steps=cfg.grad_accum_steps, checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every, patience=cfg.early_stopping_patience, seed=seed,
+        progress=progress)
+    best = ckpt_dir / "best.safetensors"
+
+    def save_best() -> None:
+        tmp = best.with_suffix(".tmp")
+        save_model(model, str(tmp))
+        tmp.replace(best)
+
+    evaluate = None
+    if dev:
+        def evaluate() -> dict[str, float]:
+            return evaluate_dense(model, corpus, dev, split="dev", bf16=bf16,
+                                  batch_size=64)
+
+    state = trainer.train_loop(
+        model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=bf16), loop,
+        ckpt_dir=ckpt_dir, signature=signature, resume=resumed, evaluate=evaluate,
+        select_metric="dev/recall_at_1", save_best=save_best, on_step=on_step)
+    if evaluate is not None and best.exists():
+        load_model(model, str(best))
+    model.eval()
+    return state

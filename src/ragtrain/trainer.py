@@ -1,0 +1,248 @@
+"""A small, resumable training loop shared by the retriever and the generator.
+
+AdamW, linear warm-up then linear decay, gradient clipping and accumulation, seeded per
+micro-batch (so a resumed run draws the same dropout masks as an uninterrupted one), dev
+evaluation with best-checkpoint selection and early stopping, and checkpoints in safetensors
+(model weights and optimizer tensors; scalars in JSON) written atomically every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm.auto import tqdm
+
+from ragtrain.io import atomic_path
+
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; deterministic algorithms where torch has them."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int  # optimizer steps
+    lr: float
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum_steps: int = 1
+    checkpoint_every: int = 50
+    eval_every: int = 0  # 0 = only at the end
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: 0 -> 1 over ``warmup`` steps, then 1 -> 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    param_lrs: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and LayerNorm weights; optional per-prefix LRs."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g_lr = lr
+        for prefix, plr in (param_lrs or {}).items():
+            if name.startswith(prefix):
+                g_lr = plr
+        wd = 0.0 if p.ndim < 2 else weight_decay
+        groups.setdefault((g_lr, wd), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()],
+        lr=lr, weight_decay=weight_decay,
+    )
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars["state"].setdefault(str(pid), {})[k] = v
+    return tensors, scalars
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                scalars: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for pid, st in scalars["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    state: TrainState, signature: str) -> None:
+    """Atomically write weights, optimizer and loop state to the folder ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        tensors, scalars = _optim_tensors(opt)
+        save_file(tensors, str(tmp / OPTIM_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(
+            {"signature": signature, "state": asdict(state), "optimizer": scalars}, indent=1))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    signature: str) -> TrainState | None:
+    """Restore a checkpoint written for the same ``signature``; None if absent or different."""
+    f = path / STATE_FILE
+    if not f.exists():
+        return None
+    meta = json.loads(f.read_text())
+    if meta.get("signature") != signature:
+        return None
+    load_model(model, str(path / MODEL_FILE))
+    _load_optim(opt, load_file(str(path / OPTIM_FILE)), meta["optimizer"])
+    return TrainState(**meta["state"])
+
+
+def prepare_ckpt_dir(ckpt_dir: Path, signature: str, resume: bool) -> bool:
+    """Keep ``ckpt_dir`` only when resuming the same run; returns whether it was kept."""
+    f = ckpt_dir / "last" / STATE_FILE
+    same = f.exists() and json.loads(f.read_text()).get("signature") == signature
+    if not (resume and same):
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return resume and same
+
+
+def train_loop(
+    model: torch.nn.Module,
+    loss_fn: Callable[[int], tuple[torch.Tensor, int]],
+    loop: LoopConfig,
+    *,
+    ckpt_dir: Path,
+    signature: str,
+    resume: bool,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    select_metric: str | None = None,
+    save_best: Callable[[], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainState:
+    """Run optimizer steps ``state.step .. loop.total_steps``.
+
+    ``loss_fn(micro_index)`` returns (mean loss of that micro-batch, its example count); it must
+    depend only on the index (the data order is fixed by the seed), which is what makes resuming
+    exact. ``evaluate`` returns dev metrics; the best by ``select_metric`` is kept via
+    ``save_best``. ``on_step(step, {"loss", "lr", ...})`` reports progress (e.g. to MLflow).
+    """
+    opt = optimizer or build_optimizer(model, loop.lr, loop.weight_decay)
+    warmup = int(loop.warmup_ratio * loop.total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: linear_warmup_decay(s, loop.total_steps, warmup))
+    last = ckpt_dir / "last"
+    state = (load_checkpoint(last, model, opt, signature) if resume else None) or TrainState()
+    if state.step:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: linear_warmup_decay(s, loop.total_steps, warmup),
+            last_epoch=state.step - 1)
+        for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            g["lr"] = lr
+    if state.stopped_early or state.step >= loop.total_steps:
+        return state
+
+    def do_eval() -> None:
+        assert evaluate is not None and select_metric is not None
+        metrics = evaluate()
+        value = metrics[select_metric]
+        state.history.append({"step": state.step, **metrics})
+        if on_step:
+            on_step(state.step, metrics)
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
+            if save_best:
+                save_best()
+        else:
+            state.evals_since_best += 1
+            if loop.patience and state.evals_since_best >= loop.patience:
+                state.stopped_early = True
+
+    bar = tqdm(total=loop.total_steps, initial=state.step, disable=not loop.progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    while state.step < loop.total_steps and not state.stopped_early:
+        opt.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        for a in range(loop.grad_accum_steps):
+            micro = state.step * loop.grad_accum_steps + a
+            torch.manual_seed(loop.seed * 1_000_003 + micro)  # dropout masks fixed per batch
+            loss, n = loss_fn(micro)
+            (loss / loop.grad_accum_steps).backward()
+            total += float(loss.detach()) * n
+            count += n
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+                     if loop.grad_clip > 0 else torch.tensor(float("nan")))
+        opt.step()
+        sched.step()
+        state.step += 1
+        logs = {"train/loss": total / max(1, count), "train/lr": sched.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm)}
+        if on_step:
+            on_step(state.step, logs)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+        at_end = state.step == loop.total_steps
+        if evaluate and ((loop.eval_every and state.step % loop.eval_every == 0) or at_end):
+            model.eval()
+            do_eval()
+            model.train()
+        if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
+            save_checkpoint(last, model, opt, state, signature)
+    bar.close()
+    model.eval()
+    return state
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch, fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(i: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of micro-batch ``i`` (epochs follow one another; the last batch may be short)."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, b = divmod(i, per_epoch)
+    return epoch_order(n, seed, epoch)[b * batch_size : (b + 1) * batch_size]
