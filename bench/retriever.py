@@ -95,17 +95,25 @@ def training_throughput(cfg, corpus: Corpus, rows: list[dict], steps: int) -> No
     bs = round(n_q / steps)
     bf16 = runtime.use_bf16(rc.precision)
 
-    model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
-    model.train()
-    loss_fn = make_loss_fn(model, corpus, rows, [[] for _ in rows], rc, seed=cfg.seed, bf16=bf16)
-    opt = trainer.build_optimizer(model, rc.lr, rc.weight_decay)
-    t = time.perf_counter()
-    for i in range(steps):
-        loss, _ = loss_fn(i)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    ours = n_q / (time.perf_counter() - t)
+    def ragtrain_rate(rc: object) -> float:
+        model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+        model.train()
+        loss_fn = make_loss_fn(model, corpus, rows, [[] for _ in rows], rc, seed=cfg.seed,
+                               bf16=bf16)
+        opt = trainer.build_optimizer(model, rc.lr, rc.weight_decay)
+        t, n = time.perf_counter(), 0
+        for i in range(steps):
+            loss, k = loss_fn(i)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            n += k
+        return n / (time.perf_counter() - t)
+
+    ours = ragtrain_rate(rc)
+    # like for like: one question per passage, MNRL-sized batches (the loop's own efficiency)
+    flat = ragtrain_rate(dataclasses.replace(rc, questions_per_passage=1, batch_size=bs,
+                                             group_by_document=0))
 
     st = SentenceTransformer(resolve_model_path(rc.model_name), device="cpu")
     st.max_seq_length = rc.passage_max_length
@@ -126,7 +134,10 @@ def training_throughput(cfg, corpus: Corpus, rows: list[dict], steps: int) -> No
           f"{ours:7.1f} questions/s")
     print(f"sentence-transformers MNRL (batches of {bs} question-passage pairs):    "
           f"{theirs:7.1f} questions/s")
-    print(f"ratio ragtrain / sentence-transformers: {ours / theirs:.2f}  (goal >= 1.0)")
+    print(f"ragtrain, one question per passage (batches of {bs} pairs, like MNRL):       "
+          f"{flat:7.1f} questions/s")
+    print(f"ratio ragtrain / sentence-transformers: {ours / theirs:.2f} as configured, "
+          f"{flat / theirs:.2f} like for like  (goal >= 1.0)")
 
 
 def encoding_throughput(cfg, corpus: Corpus, n: int) -> None:

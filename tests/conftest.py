@@ -48,11 +48,10 @@ def run_cli(args: list[str], cwd: Path, check: bool = False) -> subprocess.Compl
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT (random weights, MiniLM's real tokenizer), saved once per session."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from ragtrain.models import resolve_model_path
-
-    import torch
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_bert")

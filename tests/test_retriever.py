@@ -153,8 +153,9 @@ def test_training_lowers_loss_and_resume_equals_uninterrupted(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     corpus, train, dev = _toy(tmp_path)
-    cfg = dataclasses.replace(RetrieverConfig(), model_name=str(tiny_bert_dir), batch_size=2, questions_per_passage=2,
-                              lr=1e-3, max_steps=6, checkpoint_every=2, eval_every=3,
+    cfg = dataclasses.replace(RetrieverConfig(), model_name=str(tiny_bert_dir), batch_size=2,
+                              questions_per_passage=2, lr=1e-3, max_steps=6,
+                              checkpoint_every=2, eval_every=3,
                               hard_negatives="none", warmup_ratio=0.0, precision="fp32")
 
     def run(ckpt: Path, steps_then_crash: int | None = None) -> tuple[BiEncoder, list]:

@@ -66,9 +66,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class HybridConfig:
-    fusion: Literal["rrf", "weighted"] = "rrf"
+    fusion: Literal["rrf", "weighted"] = "weighted"
     rrf_k: int = _f(60, ge=1)
-    dense_weight: float = _f(0.5, ge=0, le=1)  # weighted fusion: w*dense + (1-w)*bm25 (min-max)
+    dense_weight: float = _f(0.4, ge=0, le=1)  # weighted fusion: w*dense + (1-w)*bm25 (min-max)
     depth: int = _f(100, ge=1)  # candidates taken from each retriever before fusion
 
 
@@ -82,7 +82,7 @@ class RetrieverConfig:
     passage_max_length: int = _f(256, ge=8)
     loss: Literal["in_batch_nll", "cosine"] = "in_batch_nll"
     temperature: float = _f(0.05, gt=0)
-    hard_negatives: Literal["none", "bm25", "dense", "both"] = "bm25"
+    hard_negatives: Literal["none", "bm25", "dense", "both"] = "none"
     hard_negatives_per_query: int = _f(1, ge=0)
     hard_negative_depth: int = _f(20, ge=1)  # mine from this many top candidates
     hard_negative_margin: float = _f(0.0, ge=0)  # dense mining: skip negatives scored within it
@@ -90,7 +90,7 @@ class RetrieverConfig:
     questions_per_passage: int = _f(4, ge=1)  # questions sharing a passage's column per step
     group_by_document: int = _f(8, ge=0)  # passages per document run in a batch; 0 = random
     grad_accum_steps: int = _f(1, ge=1)
-    lr: float = _f(2.0e-5, gt=0)
+    lr: float = _f(5.0e-5, gt=0)
     weight_decay: float = _f(0.01, ge=0)
     warmup_ratio: float = _f(0.1, ge=0, lt=1)
     grad_clip: float = _f(1.0, ge=0)  # 0 = off

@@ -140,7 +140,8 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
     train, dev = _queries(paths, "train"), _queries(paths, "dev")
     check_gold_ids(train, corpus, str(paths.queries("train")))
     check_gold_ids(dev, corpus, str(paths.queries("dev")))
-    bm25 = (BM25Retriever.load(paths.bm25, expect_corpus_sha256=sha256_file(paths.corpus))
+    # BM25 for mining is rebuilt in memory (well under a second): no dependency on artifacts/
+    bm25 = (BM25Retriever.build(corpus.texts, corpus.ids)
             if rc.hard_negatives in ("bm25", "both") else None)
     model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
     history: list[dict[str, float]] = []

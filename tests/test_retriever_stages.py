@@ -1,0 +1,166 @@
+"""The retriever stages end to end on a tiny project (tiny BERT, 5 passages), via the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragtrain import cli
+from ragtrain.config import RetrieverConfig
+from ragtrain.retriever_train import Batches
+from tests.conftest import FIXTURES
+
+
+@pytest.fixture()
+def tiny_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "params.yaml").write_text(f"""
+data:
+  source: {FIXTURES / 'tiny_jsonl'}
+  sha256: ""
+retriever:
+  model_name: {tiny_bert_dir}
+  batch_size: 2
+  questions_per_passage: 2
+  max_steps: 2
+  checkpoint_every: 1
+  precision: fp32
+  hard_negatives: bm25
+evaluation:
+  recall_ks: [1, 2, 5]
+  rank_cutoff: 3
+""")
+    monkeypatch.chdir(tmp_path)
+    for stage in ("fetch", "prepare", "build-bm25"):
+        assert cli.main([stage]) == 0
+    return tmp_path
+
+
+def run(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_retriever_stages_end_to_end(tiny_project: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run("train-retriever") == 0
+    assert (tiny_project / "artifacts/retriever/retriever.json").exists()
+    assert run("build-index") == 0
+    emb = np.load(tiny_project / "artifacts/embeddings/embeddings.npy")
+    assert emb.shape[0] == 5
+    assert run("eval-retriever") == 0
+    out = capsys.readouterr().out
+    assert "bm25" in out and "untrained" in out and "hybrid" in out
+    m = json.loads((tiny_project / "metrics/retriever.json").read_text())
+    for name in ("bm25", "untrained", "dense", "hybrid"):
+        assert 0 <= m[f"test/{name}/recall_at_1"] <= m[f"test/{name}/recall_at_5"] <= 1
+    assert m["test/recall_at_1"] == m["test/hybrid/recall_at_1"]  # the configured kind
+    assert m["test/recall_at_5"] == 1.0  # 5 passages: everything is in the top 5
+    rows = [json.loads(x) for x in open(tiny_project / "artifacts/eval/retriever_test.jsonl")]
+    assert rows and {"id", "gold_passage_ids", "top_ids", "bm25_gold_rank"} <= set(rows[0])
+
+
+def test_index_from_another_encoder_is_refused(tiny_project: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    assert run("train-retriever") == 0 and run("build-index") == 0
+    saved = tiny_project / "saved_index"
+    shutil.copytree(tiny_project / "artifacts/index", saved)
+    # retrain with another seed: another encoder; the old index no longer matches it
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text() + "seed: 1\n")
+    assert run("train-retriever", "--no-resume") == 0
+    shutil.rmtree(tiny_project / "artifacts/index")
+    shutil.copytree(saved, tiny_project / "artifacts/index")
+    capsys.readouterr()
+    assert run("eval-retriever") == 2
+    err = capsys.readouterr().err
+    assert "was built by encoder" in err and "ragtrain build-index" in err
+
+
+def test_corrupted_index_file(tiny_project: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run("train-retriever") == 0 and run("build-index") == 0
+    f = tiny_project / "artifacts/index/index.faiss"
+    f.write_bytes(f.read_bytes()[:-7] + b"garbage")
+    capsys.readouterr()
+    assert run("eval-retriever") == 2
+    assert "index.faiss" in capsys.readouterr().err
+
+
+def test_queries_naming_unknown_passages(tiny_project: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    f = tiny_project / "data/prepared/train.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    rows[0]["gold_passage_ids"] = ["nope"]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert run("train-retriever") == 2
+    err = capsys.readouterr().err
+    assert "names gold passage 'nope', which is not in the corpus" in err
+    assert not (tiny_project / "artifacts/retriever").exists()
+
+
+def test_empty_corpus(tiny_project: Path, capsys: pytest.CaptureFixture) -> None:
+    (tiny_project / "data/prepared/corpus.jsonl").write_text("")
+    capsys.readouterr()
+    assert run("build-bm25") == 2
+    assert "empty corpus" in capsys.readouterr().err
+
+
+def test_batches_group_by_document_and_share_columns() -> None:
+    rows = [{"question": f"q{d}{p}{k}", "gold_passage_ids": [f"d{d}p{p}"], "doc_id": f"d{d}"}
+            for d in range(4) for p in range(4) for k in range(3)]
+    cfg = RetrieverConfig(batch_size=4, questions_per_passage=2, group_by_document=4)
+    b = Batches.build(rows, cfg, seed=0)
+    assert b.per_epoch == 4
+    for i in range(4):
+        pids, idx, targets = b(i)
+        assert len({p.split("p")[0] for p in pids}) == 1  # one document per batch
+        assert len(idx) == 8 and all(rows[j]["gold_passage_ids"][0] == pids[t]
+                                     for j, t in zip(idx, targets, strict=True))
+    seen = [p for i in range(4) for p in b(i)[0]]
+    assert sorted(seen) == sorted(b.passage_ids)  # an epoch covers every passage once
+    assert b(5) == Batches.build(rows, cfg, seed=0)(5)  # a pure function of (seed, i)
+    assert b(0) != Batches.build(rows, cfg, seed=1)(0)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reaches_the_same_model(tiny_project: Path) -> None:
+    """A real SIGKILL mid-training, then `--resume`: the same weights as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN
+
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text().replace("max_steps: 2", "max_steps: 120")
+                      .replace("checkpoint_every: 1", "checkpoint_every: 10")
+                      .replace("hard_negatives: bm25", "hard_negatives: none"))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    assert run("train-retriever", "--no-resume") == 0
+    full = json.loads((tiny_project / "artifacts/retriever/retriever.json").read_text())
+    shutil.rmtree(tiny_project / "artifacts/retriever")
+    shutil.rmtree(tiny_project / "checkpoints")
+
+    state = tiny_project / "checkpoints/retriever/last/trainer_state.json"
+    p = subprocess.Popen([str(BIN / "ragtrain"), "train-retriever", "--no-resume"],
+                         cwd=tiny_project, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    step = json.loads(state.read_text())["state"]["step"]
+    assert 0 < step < 120, "the run was not interrupted mid-way"
+    assert not (tiny_project / "artifacts/retriever").exists()  # nothing half-written
+
+    r = subprocess.run([str(BIN / "ragtrain"), "train-retriever", "--resume"],
+                       cwd=tiny_project, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((tiny_project / "artifacts/retriever/retriever.json").read_text())
+    assert resumed["fingerprint"] == full["fingerprint"]
+    assert json.loads((tiny_project / "metrics/train_retriever.json").read_text())[
+        "train/steps"] == 120
