@@ -18,7 +18,9 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: venv demo test test-fast lint clean-venv
+MLFLOW_PORT ?= 5000
+
+.PHONY: venv demo test test-fast lint clean-venv mlflow-ui
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +31,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The default pipeline: dvc repro (then push the data and outputs to the DVC remote).
+# The default pipeline: dvc repro under one MLflow run (then push data and outputs to the
+# DVC remote).
 demo: venv
 	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
-	dvc repro
+	ragtrain pipeline
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
 	@echo; dvc metrics show
 
@@ -44,6 +47,13 @@ test: venv
 # Everything but the slow integration tests.
 test-fast: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# The MLflow UI for the project's store (sqlite under mlruns/) on http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: venv
+	mkdir -p mlruns/artifacts
+	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlruns/artifacts
 
 lint: venv
 	$(BIN)/ruff check src tests flows bench

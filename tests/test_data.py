@@ -43,7 +43,8 @@ def project(tmp_path: Path, source: Path | str, **data_params: Any) -> Path:
     """A project folder whose params.yaml points at ``source``."""
     lines = [f"  source: {json.dumps(str(source))}", '  sha256: ""']
     lines += [f"  {k}: {json.dumps(v)}" for k, v in data_params.items()]
-    (tmp_path / "params.yaml").write_text("data:\n" + "\n".join(lines) + "\n")
+    (tmp_path / "params.yaml").write_text("data:\n" + "\n".join(lines) + "\n"
+                                          "tracking:\n  enabled: false\n")
     return tmp_path
 
 
@@ -214,7 +215,7 @@ def test_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     src = _write(tmp_path, "dev.json", json.dumps(tiny_squad()))
     proj = project(tmp_path, src)
     (proj / "params.yaml").write_text(
-        f"data:\n  source: {src}\n  sha256: '{'0' * 64}'\n")
+        f"data:\n  source: {src}\n  sha256: '{'0' * 64}'\ntracking:\n  enabled: false\n")
     rc, _, err = run(proj, "fetch", monkeypatch=monkeypatch, capsys=capsys)
     assert rc == 2 and "data.sha256: checksum mismatch" in err and "0" * 64 in err
     assert not (proj / "data").exists() or not any((proj / "data").iterdir())
@@ -248,7 +249,8 @@ def test_squad_v11_dev_counts_and_checksums(
     proj = project(tmp_path, squad_zip)
     (proj / "params.yaml").write_text(
         f"data:\n  source: {squad_zip}\n"
-        "  sha256: 95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9\n")
+        "  sha256: 95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9\n"
+        "tracking:\n  enabled: false\n")
     rc, err = fetch_prepare(proj, monkeypatch, capsys)
     assert rc == 0, err
     stats = json.loads((proj / "metrics/prepare.json").read_text())

@@ -16,7 +16,8 @@ from tests.conftest import FIXTURES
 
 
 @pytest.fixture()
-def tiny_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def tiny_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                 request: pytest.FixtureRequest) -> Path:
     (tmp_path / "params.yaml").write_text(f"""
 data:
   source: {FIXTURES / 'tiny_jsonl'}
@@ -32,6 +33,8 @@ retriever:
 evaluation:
   recall_ks: [1, 2, 5]
   rank_cutoff: 3
+tracking:
+  enabled: {str(request.node.get_closest_marker("tracked") is not None).lower()}
 """)
     monkeypatch.chdir(tmp_path)
     for stage in ("fetch", "prepare", "build-bm25"):
@@ -164,3 +167,63 @@ def test_kill_9_then_resume_reaches_the_same_model(tiny_project: Path) -> None:
     assert resumed["fingerprint"] == full["fingerprint"]
     assert json.loads((tiny_project / "metrics/train_retriever.json").read_text())[
         "train/steps"] == 120
+
+
+def test_index_from_another_corpus_is_refused(tiny_project: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    assert run("train-retriever") == 0 and run("build-index") == 0
+    corpus = tiny_project / "data/prepared/corpus.jsonl"
+    rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+    rows[0]["text"] += " Edited."
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert run("eval-retriever") == 2
+    assert "built from corpus" in capsys.readouterr().err
+
+
+@pytest.mark.tracked
+def test_stage_runs_are_tracked_in_mlflow(tiny_project: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    assert run("train-retriever") == 0 and run("build-index") == 0
+    assert run("eval-retriever") == 0
+    mc = MlflowClient(f"sqlite:///{tiny_project}/mlruns/mlflow.db")
+    exp = mc.get_experiment_by_name("ragtrain")
+    runs = {r.info.run_name: r for r in mc.search_runs([exp.experiment_id])}
+    assert {"fetch", "prepare", "build-bm25", "train-retriever", "build-index",
+            "eval-retriever"} <= set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    train = runs["train-retriever"]
+    assert train.data.params["retriever.batch_size"] == "2"  # the effective config
+    assert "git.dirty" in train.data.tags and "version.torch" in train.data.tags
+    losses = mc.get_metric_history(train.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2]  # per step
+    ev = runs["eval-retriever"]
+    m = json.loads((tiny_project / "metrics/retriever.json").read_text())
+    assert ev.data.metrics["test/recall_at_1"] == pytest.approx(m["test/recall_at_1"])
+    arts = {a.path for a in mc.list_artifacts(ev.info.run_id, "plots")}
+    assert "plots/recall_at_k.png" in arts
+    assert mc.list_artifacts(ev.info.run_id, "predictions")
+    assert runs["prepare"].inputs.dataset_inputs  # the data as MLflow dataset inputs
+
+    # a stage that fails leaves its run FAILED
+    f = tiny_project / "artifacts/index/index.faiss"
+    f.write_bytes(b"garbage")
+    assert run("eval-retriever") == 2
+    failed = [r for r in mc.search_runs([exp.experiment_id])
+              if r.info.run_name == "eval-retriever" and r.info.status == "FAILED"]
+    assert len(failed) == 1
+
+
+def test_unreachable_tracking_server_fails_before_work(tiny_project: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text().replace(
+        "  enabled: false", "  enabled: true\n  uri: http://127.0.0.1:9"))
+    capsys.readouterr()
+    assert run("train-retriever") == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the MLflow server at http://127.0.0.1:9" in err
+    assert not (tiny_project / "artifacts/retriever").exists()
+    assert not (tiny_project / "checkpoints").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,32 +33,32 @@ def _print_stats(stats: dict[str, float | int]) -> None:
 
 
 def _cmd_fetch(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    m = stages.run_fetch(cfg, paths)
+    m = stages.run_stage("fetch", cfg, paths)
     print(f"fetched {m['source']} -> {paths.raw / m['file']} (sha256 {m['sha256_file']})")
 
 
 def _cmd_prepare(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    stats = stages.run_prepare(cfg, paths)
+    stats = stages.run_stage("prepare", cfg, paths)
     print(f"prepared {paths.prepared}:")
     _print_stats(stats)
 
 
 def _cmd_build_bm25(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    print(f"built BM25 index {stages.run_build_bm25(cfg, paths)}")
+    print(f"built BM25 index {stages.run_stage('build-bm25', cfg, paths)}")
 
 
 def _cmd_train_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    m = stages.run_train_retriever(cfg, paths, resume=args.resume)
+    m = stages.run_stage("train-retriever", cfg, paths, resume=args.resume)
     print(f"trained retriever -> {paths.retriever}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in m.items()))
 
 
 def _cmd_build_index(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    print(f"built {cfg.index.kind} index {stages.run_build_index(cfg, paths)}")
+    print(f"built {cfg.index.kind} index {stages.run_stage('build-index', cfg, paths)}")
 
 
 def _cmd_eval_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    m = stages.run_eval_retriever(cfg, paths)
+    m = stages.run_stage("eval-retriever", cfg, paths)
     split = cfg.evaluation.split
     names = ("bm25", "untrained", "dense", "hybrid")
     cols = [f"recall_at_{k}" for k in cfg.evaluation.recall_ks] + [
@@ -67,6 +69,13 @@ def _cmd_eval_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespa
     for n in names:
         print(f"  {n:10s}" + "".join(f"{m.get(f'{split}/{n}/{c}', float('nan')):14.4f}"
                                      for c in cols))
+
+
+def _cmd_pipeline(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    run_id = stages.run_pipeline(cfg, paths, args.dvc_args)
+    if run_id:
+        print(f"pipeline MLflow run {run_id} ({cfg.tracking.uri}, experiment "
+              f"{cfg.tracking.experiment!r}); see it with `make mlflow-ui`")
 
 
 def _cmd_config_show(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="continue from the last checkpoint of the same run, if any "
                             "(default: on; --no-resume starts over)")
 
+    pl = sub.add_parser("pipeline", help="run `dvc repro` under one parent MLflow run "
+                        "(the stages it runs nest under it)")
+    pl.add_argument("dvc_args", nargs=argparse.REMAINDER, metavar="DVC_REPRO_ARGS",
+                    help="passed to dvc repro, e.g. train_retriever")
+    pl.set_defaults(fn=_cmd_pipeline)
+
     cp = sub.add_parser("config", help="show the effective config")
     csub = cp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the effective config (params.yaml + defaults)")
@@ -130,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow logs at INFO (e.g. on creating the sqlite store): keep stderr for ragtrain's own
+    # messages. MLflow sets its level from this variable when it is imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if getattr(args, "skip_load", False):
             cfg = None

@@ -133,6 +133,8 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    enabled: bool = True  # log every stage run to MLflow
+    # sqlite store under mlruns/ (artifacts in mlruns/artifacts), or a server: http://host:5000
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "ragtrain"
 

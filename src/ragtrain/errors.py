@@ -29,3 +29,7 @@ class IndexMismatchError(RetrievalError):
 
 class IndexFileError(RagtrainError):
     """A saved index (dense or BM25) is missing or corrupted; the message names the file."""
+
+
+class TrackingError(RagtrainError):
+    """The MLflow store, a run, a registry call or a plot failed; the message says how to fix it."""

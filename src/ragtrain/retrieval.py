@@ -28,14 +28,16 @@ class Retriever:
 
     @classmethod
     def load(cls, kind: str, cfg: RetrieverConfig, *, encoder_dir: Path, index_dir: Path,
-             bm25_dir: Path) -> Retriever:
-        """Load what ``kind`` needs; the index must have been built by this encoder."""
+             bm25_dir: Path, corpus_sha256: str | None = None) -> Retriever:
+        """Load what ``kind`` needs; the index must have been built by this encoder (and from
+        the corpus with ``corpus_sha256``, when given)."""
         encoder = index = bm25 = None
         if kind in ("dense", "hybrid"):
             encoder = BiEncoder.load(encoder_dir)
-            index = load_index(index_dir, expect_encoder_fingerprint=encoder.fingerprint())
+            index = load_index(index_dir, expect_encoder_fingerprint=encoder.fingerprint(),
+                               expect_corpus_sha256=corpus_sha256)
         if kind in ("bm25", "hybrid"):
-            bm25 = BM25Retriever.load(bm25_dir)
+            bm25 = BM25Retriever.load(bm25_dir, expect_corpus_sha256=corpus_sha256)
         if index is not None and bm25 is not None and (
                 index.meta.corpus_sha256 != bm25.corpus_sha256):
             raise RetrievalError(f"{index_dir} and {bm25_dir} were built from different corpora; "

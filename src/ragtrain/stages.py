@@ -5,14 +5,22 @@ Each stage is a function of files in and files out (paths below), so it can run 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtrain import data, source
-from ragtrain.config import Config
+from ragtrain import data, source, tracking
+from ragtrain.config import Config, flatten, to_dict
+from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, write_jsonl
 
 
@@ -202,6 +210,7 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     """Score BM25, the untrained encoder, the trained one and the hybrid on the same held-out
     questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
     from ragtrain import runtime
+    from ragtrain.index import sha256_file
     from ragtrain.retrieval import Retriever
     from ragtrain.retrieval_metrics import evaluate_retrieval
     from ragtrain.retriever import BiEncoder, EncoderSpec
@@ -215,9 +224,10 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     questions = [r["question"] for r in rows]
     k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
     ranked: dict[str, list[list[str]]] = {}
+    corpus_sha = sha256_file(paths.corpus)
     for kind in ("bm25", "dense", "hybrid"):
         r = Retriever.load(kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
-                           bm25_dir=paths.bm25)
+                           bm25_dir=paths.bm25, corpus_sha256=corpus_sha)
         ranked[kind] = r.search(questions, k)[1]
     base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
     with runtime.autocast(runtime.use_bf16(rc.precision)):
@@ -244,3 +254,121 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
             for i, r in enumerate(rows)))
     atomic_write_json(paths.retriever_metrics, metrics)
     return metrics
+
+
+# --------------------------------------------------------------------------- tracking
+
+PARENT_RUN_ENV = "RAGTRAIN_PARENT_RUN_ID"  # set by `ragtrain pipeline` for the stages under it
+
+
+@contextlib.contextmanager
+def tracked(cfg: Config, paths: Paths, name: str) -> Iterator[tracking.RunHandle | None]:
+    """An MLflow run for one stage (nested under the pipeline's run when there is one): the
+    effective config as params, lineage as tags; FAILED if the stage raises. The store is
+    checked before the stage does any work."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    tags = {"ragtrain.stage": name, **tracking.lineage(paths.root)}
+    with tracking.run(cfg.tracking, name, root=paths.root, tags=tags,
+                      parent_run_id=os.environ.get(PARENT_RUN_ENV) or None) as run:
+        run.log_params(flatten(to_dict(cfg)))
+        yield run
+
+
+def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
+                 result: Any) -> None:
+    """What each stage leaves in its MLflow run: metrics, plots, tables, datasets."""
+    from ragtrain.index import sha256_file
+
+    if name == "fetch":
+        run.log_dict(result, "source.json")
+        payload = paths.raw / result["file"]
+        if payload.is_file():
+            run.log_input_dataset(result["source"], payload,
+                                  result["sha256_payload"] or result["sha256_file"], "raw")
+    elif name == "prepare":
+        run.log_metrics(_numeric(result))
+        run.log_artifact(paths.prepare_metrics)
+        for split in ("train", "dev", "test"):
+            run.log_input_dataset(f"{split}.jsonl", paths.queries(split),
+                                  sha256_file(paths.queries(split)), split)
+        run.log_input_dataset("corpus.jsonl", paths.corpus, sha256_file(paths.corpus), "corpus")
+    elif name == "train-retriever":
+        run.log_metrics(_numeric(result))
+        run.log_artifact(paths.retriever_train_metrics)
+        points = json.loads(paths.retriever_train_plot.read_text())
+        if points:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / "train_retriever_loss.png"
+                tracking.plot_curve(points, "step", ["loss"], png, "retriever training loss")
+                run.log_artifact(png, "plots")
+        run.log_dict(json.loads((paths.retriever / "retriever.json").read_text()),
+                     "retriever.json")
+    elif name == "build-index":
+        meta = json.loads((paths.index / "meta.json").read_text())
+        run.log_dict(meta, "index_meta.json")
+        run.set_tags({"ragtrain.encoder_fingerprint": meta.get("encoder_fingerprint", ""),
+                      "ragtrain.corpus_sha256": meta.get("corpus_sha256", "")})
+    elif name == "eval-retriever":
+        split = cfg.evaluation.split
+        run.log_metrics(_numeric(result))
+        run.log_artifact(paths.retriever_metrics)
+        run.log_artifact(paths.retriever_predictions, "predictions")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "recall_at_k.png"
+            tracking.plot_recall_at_k(result, split, png,
+                                      ["bm25", "untrained", "dense", "hybrid"])
+            run.log_artifact(png, "plots")
+        run.log_input_dataset(f"{split}.jsonl", paths.queries(split),
+                              sha256_file(paths.queries(split)), "evaluation")
+
+
+STAGES: dict[str, Callable[..., Any]] = {
+    "fetch": run_fetch,
+    "prepare": run_prepare,
+    "build-bm25": run_build_bm25,
+    "train-retriever": run_train_retriever,
+    "build-index": run_build_index,
+    "eval-retriever": run_eval_retriever,
+}
+
+
+def run_stage(name: str, cfg: Config, paths: Paths, **kwargs: Any) -> Any:
+    """Run a stage inside its MLflow run (what the CLI, hence dvc.yaml, calls)."""
+    with tracked(cfg, paths, name) as run:
+        if run is not None and name == "train-retriever":
+            kwargs["on_step"] = lambda step, logs: run.log_metrics(logs, step=step)
+        result = STAGES[name](cfg, paths, **kwargs)
+        if run is not None:
+            _log_outputs(run, name, cfg, paths, result)
+    return result
+
+
+def run_pipeline(cfg: Config, paths: Paths, dvc_args: list[str] | None = None) -> str | None:
+    """`dvc repro` under one parent MLflow run: the stages DVC runs nest under it; then the
+    pipeline's metrics (metrics/*.json) and lineage (git, dvc.lock hashes) are logged on it."""
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    cmd = [dvc, "repro", *(dvc_args or [])]
+    if not cfg.tracking.enabled:
+        r = subprocess.run(cmd, cwd=paths.root)
+        if r.returncode:
+            raise RagtrainError(f"dvc repro failed (exit status {r.returncode})")
+        return None
+    with tracking.run(cfg.tracking, "pipeline", root=paths.root,
+                      tags={"ragtrain.stage": "pipeline"}) as run:
+        run.log_params(flatten(to_dict(cfg)))
+        r = subprocess.run(cmd, cwd=paths.root, env={**os.environ, PARENT_RUN_ENV: run.run_id})
+        if r.returncode:
+            raise RagtrainError(f"dvc repro failed (exit status {r.returncode}); the MLflow "
+                                f"run {run.run_id} is marked FAILED")
+        run.set_tags(tracking.lineage(paths.root))
+        for f in sorted(paths.metrics.glob("*.json")):
+            run.log_metrics(_numeric(json.loads(f.read_text())))
+            run.log_artifact(f, "metrics")
+        return run.run_id
