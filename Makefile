@@ -37,7 +37,7 @@ demo: venv
 	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
 	ragtrain pipeline
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
-	@echo; dvc metrics show
+	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui"
 
 # The whole test suite, slow integration tests included (what CI runs).
 test: venv
