@@ -227,3 +227,19 @@ def test_unreachable_tracking_server_fails_before_work(tiny_project: Path,
     assert "cannot reach the MLflow server at http://127.0.0.1:9" in err
     assert not (tiny_project / "artifacts/retriever").exists()
     assert not (tiny_project / "checkpoints").exists()
+
+
+def test_same_data_params_code_same_metrics(tiny_project: Path) -> None:
+    """Reproducible: the same tiny run twice gives the same weights and the same metrics."""
+    outs = []
+    for _ in range(2):
+        assert run("train-retriever", "--no-resume") == 0
+        assert run("build-index") == 0 and run("eval-retriever") == 0
+        outs.append((
+            json.loads((tiny_project / "artifacts/retriever/retriever.json").read_text()),
+            (tiny_project / "metrics/retriever.json").read_text(),
+            {k: v for k, v in json.loads(
+                (tiny_project / "metrics/train_retriever.json").read_text()).items()
+             if k != "train/seconds"},  # wall time is the one thing allowed to differ
+        ))
+    assert outs[0] == outs[1]
