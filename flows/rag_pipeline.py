@@ -1,0 +1,93 @@
+"""Prefect flow over the DVC pipeline: one task per `dvc.yaml` stage, each run through DVC.
+
+DVC's cache and lock decide what reruns, so a run from the Prefect UI and `dvc repro` leave the
+same record (`dvc.lock`) and can never drift: the task list is read from `dvc.yaml` itself.
+Parameter overrides are written into `params.yaml` first (validated, comments kept), the way
+`dvc exp run -S` does, so every run is reproducible from its files.
+
+    python flows/rag_pipeline.py                       # one local run
+    python -c "from flows.rag_pipeline import rag_pipeline; rag_pipeline(overrides={...})"
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from ragtrain import stages
+from ragtrain.config import load_config, set_params
+from ragtrain.errors import RagtrainError
+
+
+@task(task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, root: str, env: dict[str, str]) -> str:
+    """Run one DVC stage (no upstream: the flow orders them); returns "ran" or "skipped"."""
+    r = subprocess.run([stages.dvc_executable(), "repro", "--single-item", stage], cwd=root,
+                       env=env, capture_output=True, text=True)
+    log = get_run_logger()
+    if r.returncode:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise RagtrainError(f"stage {stage} failed (exit {r.returncode}):\n{tail}")
+    skipped = "didn't change, skipping" in r.stdout
+    log.info("%s: %s", stage, "up to date (DVC cache)" if skipped else "ran")
+    return "skipped" if skipped else "ran"
+
+
+@task(retries=2, retry_delay_seconds=10)
+def push_data(root: str, env: dict[str, str]) -> None:
+    """Push data and outputs to the DVC remote (I/O that can fail: retried)."""
+    r = subprocess.run([stages.dvc_executable(), "push"], cwd=root, env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RagtrainError(f"dvc push failed: {(r.stdout + r.stderr).strip()[-2000:]}")
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
+    return f"| metric | value |\n|---|---|\n{rows}\n"
+
+
+@flow(name="rag-train-eval", log_prints=True)
+def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                 push: bool = True) -> dict[str, float]:
+    """Train and evaluate the RAG pipeline: the `dvc.yaml` stages in order, then `dvc push`."""
+    params = Path(params_path).resolve()
+    root = params.parent
+    paths = stages.Paths(root)
+    if overrides:
+        set_params(params, overrides)  # params.yaml stays the record of what ran
+    cfg = load_config(params)
+    order = stages.dag_order(root)
+    with stages.pipeline_run(cfg, paths) as (run, env):
+        outcome = {s: repro_stage(s, str(root), env) for s in order}
+        if push:
+            push_data(str(root), env)
+    metrics: dict[str, float] = {}
+    for f in sorted(paths.metrics.glob("*.json")):
+        metrics.update({k: float(v) for k, v in json.loads(f.read_text()).items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)})
+    ran = ", ".join(f"{s} ({o})" for s, o in outcome.items())
+    create_markdown_artifact(markdown=f"### Stages\n{ran}\n\n### Metrics\n"
+                             + _metrics_table(metrics), key="rag-metrics",
+                             description="metrics of this pipeline run")
+    if run is not None:
+        link = tracking_link(cfg.tracking.uri, run.experiment_id, run.run_id)
+        create_link_artifact(link, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
+        print(f"MLflow run: {link}")
+    return metrics
+
+
+def tracking_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page: on the tracking server, or on `make mlflow-ui` for a sqlite store."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+if __name__ == "__main__":
+    rag_pipeline(*(sys.argv[1:2]))

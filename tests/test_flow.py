@@ -1,0 +1,83 @@
+"""The Prefect flow over the DVC stages, on a tiny project, under a real (test) Prefect server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtrain import stages
+from ragtrain.errors import RagtrainError
+from tests.conftest import FIXTURES, REPO
+from tests.test_dvc_pipeline import copy_repo, sh
+
+
+def test_dag_order_follows_dvc_yaml() -> None:
+    order = stages.dag_order(REPO)
+    assert order[:2] == ["fetch", "prepare"]
+    assert order.index("train_retriever") < order.index("build_index") < order.index(
+        "eval_retriever")
+    assert order.index("build_bm25") < order.index("eval_retriever")
+    assert len(order) == len(set(order))
+
+
+def test_workspace_lock_refuses_a_second_run(tmp_path: Path) -> None:
+    with stages.workspace_lock(tmp_path):
+        with pytest.raises(RagtrainError, match="workspace busy: a pipeline run \\(pid"):
+            with stages.workspace_lock(tmp_path):
+                pass
+    with stages.workspace_lock(tmp_path):  # released: free again
+        pass
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.mark.slow
+def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Path,
+                                              tiny_bert_dir: Path) -> None:
+    from flows.rag_pipeline import rag_pipeline
+    from mlflow.tracking import MlflowClient
+
+    proj = copy_repo(tmp_path / "proj")
+    sh(proj, "dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"))
+    overrides = {
+        "data.source": str(FIXTURES / "tiny_jsonl"), "data.sha256": "",
+        "retriever.model_name": str(tiny_bert_dir), "retriever.batch_size": 2,
+        "retriever.questions_per_passage": 2, "retriever.max_steps": 2,
+        "retriever.precision": "fp32", "evaluation.recall_ks": [1, 2, 5],
+        "evaluation.rank_cutoff": 3,
+    }
+    metrics = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides)
+    assert 0 <= metrics["test/recall_at_1"] <= 1 and metrics["data/passages"] == 5
+    assert "max_steps: 2" in (proj / "params.yaml").read_text()  # recorded the DVC way
+    lock = (proj / "dvc.lock").read_text()
+    for stage in stages.dag_order(proj):
+        assert f"  {stage}:" in lock
+    assert "Data and pipelines are up to date" in sh(proj, "dvc", "status")
+
+    mc = MlflowClient(f"sqlite:///{proj}/mlruns/mlflow.db")
+    exp = mc.get_experiment_by_name("ragtrain")
+    runs = mc.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert {r.info.run_name for r in children} == {
+        "fetch", "prepare", "build-bm25", "train-retriever", "build-index", "eval-retriever"}
+    assert parent.data.metrics["test/recall_at_1"] == pytest.approx(metrics["test/recall_at_1"])
+
+    # again: DVC's cache decides, nothing reruns, the metrics are the same
+    again = rag_pipeline(params_path=str(proj / "params.yaml"))
+    assert again == metrics
+    assert len(mc.search_runs([exp.experiment_id])) == len(runs) + 1  # only a new parent run
+    assert json.loads((proj / "metrics/retriever.json").read_text())["test/recall_at_1"] == (
+        metrics["test/recall_at_1"])
