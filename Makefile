@@ -19,8 +19,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lint clean-venv mlflow-ui
+.PHONY: venv demo test test-fast lint clean-venv mlflow-ui ui ui-stop
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +58,26 @@ mlflow-ui: venv
 	mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --artifacts-destination $(CURDIR)/mlruns/artifacts
+
+# A Prefect server on 127.0.0.1:$(PREFECT_PORT) and the served deployments, in the background:
+# open the UI, pick rag-train-eval/train-eval, edit parameters, Run. `make ui-stop` ends both.
+ui: venv
+	mkdir -p $(PREFECT_HOME)
+	PREFECT_SERVER_UI_API_URL=$(PREFECT_API) nohup prefect server start --host 127.0.0.1 \
+	  --port $(PREFECT_PORT) > $(PREFECT_HOME)/server.log 2>&1 & echo $$! > $(PREFECT_HOME)/server.pid
+	for i in $$(seq 120); do $(BIN)/python -c "import urllib.request as u; \
+	  u.urlopen('$(PREFECT_API)/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+	PREFECT_API_URL=$(PREFECT_API) nohup $(BIN)/python flows/serve.py \
+	  > $(PREFECT_HOME)/serve.log 2>&1 & echo $$! > $(PREFECT_HOME)/serve.pid
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment rag-train-eval/train-eval);" \
+	  "logs in $(PREFECT_HOME)/*.log; stop with make ui-stop"
+
+# The served flows first (they pause their deployments on the server), then the server.
+ui-stop:
+	-@for name in serve server; do f=$(PREFECT_HOME)/$$name.pid; test -f $$f || continue; \
+	  pid=$$(cat $$f); kill -TERM $$pid 2>/dev/null; \
+	  for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	  kill -KILL $$pid 2>/dev/null; rm -f $$f; echo "stopped $$name ($$pid)"; done
 
 lint: venv
 	$(BIN)/ruff check src tests flows bench

@@ -13,6 +13,17 @@ from tests.conftest import FIXTURES, REPO
 from tests.test_dvc_pipeline import copy_repo, sh
 
 
+def tiny_overrides(tiny_bert_dir: Path) -> dict:
+    """params.yaml overrides for a small real slice: 5 passages, a tiny BERT, 2 steps."""
+    return {
+        "data.source": str(FIXTURES / "tiny_jsonl"), "data.sha256": "",
+        "retriever.model_name": str(tiny_bert_dir), "retriever.batch_size": 2,
+        "retriever.questions_per_passage": 2, "retriever.max_steps": 2,
+        "retriever.precision": "fp32", "evaluation.recall_ks": [1, 2, 5],
+        "evaluation.rank_cutoff": 3,
+    }
+
+
 def test_dag_order_follows_dvc_yaml() -> None:
     order = stages.dag_order(REPO)
     assert order[:2] == ["fetch", "prepare"]
@@ -50,13 +61,7 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
 
     proj = copy_repo(tmp_path / "proj")
     sh(proj, "dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"))
-    overrides = {
-        "data.source": str(FIXTURES / "tiny_jsonl"), "data.sha256": "",
-        "retriever.model_name": str(tiny_bert_dir), "retriever.batch_size": 2,
-        "retriever.questions_per_passage": 2, "retriever.max_steps": 2,
-        "retriever.precision": "fp32", "evaluation.recall_ks": [1, 2, 5],
-        "evaluation.rank_cutoff": 3,
-    }
+    overrides = tiny_overrides(tiny_bert_dir)
     metrics = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides)
     assert 0 <= metrics["test/recall_at_1"] <= 1 and metrics["data/passages"] == 5
     assert "max_steps: 2" in (proj / "params.yaml").read_text()  # recorded the DVC way

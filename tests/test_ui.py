@@ -1,0 +1,114 @@
+"""The UI path for real: a Prefect server on 127.0.0.1, the served deployment, a run triggered
+through the API the UI's Run button uses, on a small real data slice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN
+from tests.test_dvc_pipeline import copy_repo, sh
+from tests.test_flow import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None) -> object:
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait(cond, timeout: float, what: str) -> object:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            v = cond()
+            if v:
+                return v
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[str, Path, dict]]:
+    proj = copy_repo(tmp_path / "proj")
+    sh(proj, "dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_API_URL": url,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=log)
+    serve = None
+    try:
+        wait(lambda: api(url, "/health") is True, 120, "the Prefect server")
+        slog = open(tmp_path / "serve.log", "w")
+        serve = subprocess.Popen([sys.executable, str(proj / "flows/serve.py")], cwd=proj,
+                                 env={**env, "PREFECT_API_URL": url}, stdout=slog, stderr=slog)
+        yield url, proj, env
+    finally:
+        if serve is not None:
+            stop(serve)
+        stop(server)
+
+
+def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
+                                         tiny_bert_dir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url, proj, _ = served
+    deps = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployment")
+    (dep,) = deps
+    assert dep["name"] == "train-eval"
+    assert set(dep["parameters"]) == {"params_path", "overrides", "push"}
+    with temporary_settings({PREFECT_API_URL: url}):
+        run = run_deployment("rag-train-eval/train-eval", timeout=600,
+                             parameters={"overrides": tiny_overrides(tiny_bert_dir)})
+    assert run.state is not None and run.state.is_completed(), run.state
+    m = json.loads((proj / "metrics/retriever.json").read_text())
+    assert 0 <= m["test/recall_at_1"] <= 1
+    assert "train_retriever:" in (proj / "dvc.lock").read_text()
+    assert "max_steps: 2" in (proj / "params.yaml").read_text()
+    mc = MlflowClient(f"sqlite:///{proj}/mlruns/mlflow.db")
+    runs = mc.search_runs([mc.get_experiment_by_name("ragtrain").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["test/recall_at_1"] == pytest.approx(m["test/recall_at_1"])
+    arts = api(url, "/artifacts/filter", {})
+    assert {a["key"] for a in arts} >= {"rag-metrics", "mlflow-run"}
