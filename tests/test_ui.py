@@ -112,3 +112,34 @@ def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
     assert parent.data.metrics["test/recall_at_1"] == pytest.approx(m["test/recall_at_1"])
     arts = api(url, "/artifacts/filter", {})
     assert {a["key"] for a in arts} >= {"rag-metrics", "mlflow-run"}
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_ui_renders_the_deployment_and_its_parameters(served: tuple[str, Path, dict],
+                                                      tmp_path: Path) -> None:
+    """Headless Chromium opens the deployment's page; its name and parameters are rendered."""
+    from tests.conftest import REPO
+
+    url, _, _ = served
+    (dep,) = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployment")
+    page = f"{url.removesuffix('/api')}/deployments/deployment/{dep['id']}?tab=Parameters"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,1000",
+             "--virtual-time-budget=20000"]
+    shot = REPO / "test-output" / "prefect_deployment.png"
+    shot.parent.mkdir(exist_ok=True)
+    dom = subprocess.run([chromium(), *flags, "--dump-dom", page], capture_output=True,
+                         text=True, timeout=120).stdout
+    subprocess.run([chromium(), *flags, f"--screenshot={shot}", page], capture_output=True,
+                   timeout=120)
+    assert "train-eval" in dom and "rag-train-eval" in dom
+    for param in ("params_path", "overrides", "push"):
+        assert param in dom, f"parameter {param} not rendered"
+    assert shot.exists() and shot.stat().st_size > 10_000  # kept as the test's output
