@@ -37,7 +37,7 @@ import numpy as np
 
 from ragtrain.config import IndexConfig
 from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
-from ragtrain.io import atomic_path, atomic_write_json
+from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -73,15 +73,6 @@ class DenseIndex:
     device: str = "cpu"  # where search runs: "cpu" or "gpu"
     gpu_index: Any = field(default=None, repr=False, compare=False)  # GPU copy used by search
     gpu_resources: Any = field(default=None, repr=False, compare=False)  # keeps gpu_index alive
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:

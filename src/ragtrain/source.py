@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtrain.errors import SourceError
-from ragtrain.io import atomic_path
+from ragtrain.io import atomic_path, sha256_file
 
 MANIFEST = "SOURCE.json"
 _CHUNK = 1 << 20
@@ -35,11 +35,6 @@ def _sha256_stream(chunks: Iterable[bytes]) -> str:
 def _file_chunks(f: Any) -> Iterable[bytes]:
     while chunk := f.read(_CHUNK):
         yield chunk
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_stream(_file_chunks(f))
 
 
 def sha256_payload(path: Path, name_for_errors: str | None = None) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 from ragtrain import data, source, tracking
 from ragtrain.config import Config, flatten, to_dict
 from ragtrain.errors import RagtrainError
-from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, write_jsonl
+from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,6 @@ def _queries(paths: Paths, split: str) -> list[dict[str, Any]]:
 def run_build_bm25(cfg: Config, paths: Paths) -> Path:
     """data/prepared/corpus.jsonl -> artifacts/bm25 (BM25 over title + text)."""
     from ragtrain.bm25 import BM25Retriever
-    from ragtrain.index import sha256_file
     from ragtrain.retriever_train import Corpus
 
     corpus = Corpus.load(paths.corpus)
@@ -139,7 +138,6 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the bi-encoder on train questions (dev for model selection) -> artifacts/."""
     from ragtrain.bm25 import BM25Retriever
-    from ragtrain.index import sha256_file
     from ragtrain.retriever import BiEncoder, EncoderSpec
     from ragtrain.retriever_train import Corpus, check_gold_ids, train_retriever
 
@@ -184,7 +182,7 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     import numpy as np
 
     from ragtrain import runtime
-    from ragtrain.index import build_index, save_index, sha256_file
+    from ragtrain.index import build_index, save_index
     from ragtrain.retriever import BiEncoder
     from ragtrain.retriever_train import Corpus
 
@@ -210,7 +208,6 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     """Score BM25, the untrained encoder, the trained one and the hybrid on the same held-out
     questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
     from ragtrain import runtime
-    from ragtrain.index import sha256_file
     from ragtrain.retrieval import Retriever
     from ragtrain.retrieval_metrics import evaluate_retrieval
     from ragtrain.retriever import BiEncoder, EncoderSpec
@@ -284,7 +281,6 @@ def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
 def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
                  result: Any) -> None:
     """What each stage leaves in its MLflow run: metrics, plots, tables, datasets."""
-    from ragtrain.index import sha256_file
 
     if name == "fetch":
         run.log_dict(result, "source.json")
