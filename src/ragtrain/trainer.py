@@ -9,7 +9,6 @@ evaluation with best-checkpoint selection and early stopping, and checkpoints in
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 from collections.abc import Callable
@@ -234,15 +233,3 @@ def train_loop(
     bar.close()
     model.eval()
     return state
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch, fixed by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(i: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of micro-batch ``i`` (epochs follow one another; the last batch may be short)."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, b = divmod(i, per_epoch)
-    return epoch_order(n, seed, epoch)[b * batch_size : (b + 1) * batch_size]
