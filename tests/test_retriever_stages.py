@@ -243,3 +243,22 @@ def test_same_data_params_code_same_metrics(tiny_project: Path) -> None:
              if k != "train/seconds"},  # wall time is the one thing allowed to differ
         ))
     assert outs[0] == outs[1]
+
+
+def test_checkpoint_of_other_code_is_not_resumed(tiny_project: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC reruns training when its code changes; a finished checkpoint must not stand in."""
+    from ragtrain import stages
+
+    assert run("train-retriever") == 0
+    steps: list[int] = []
+    real = stages.run_train_retriever
+
+    def spy(*a, **kw):  # record the optimizer steps this run really takes
+        kw["on_step"] = lambda s, logs: steps.append(s) if "train/loss" in logs else None
+        return real(*a, **kw)
+
+    monkeypatch.setitem(stages.STAGES, "train-retriever", spy)
+    assert run("train-retriever") == 0 and steps == []  # same code: resumed, nothing to do
+    monkeypatch.setattr(stages, "_code_hashes", lambda modules: ["other code"])
+    assert run("train-retriever") == 0 and steps == [1, 2]  # other code: trained again

@@ -73,11 +73,23 @@ class Retriever:
         if self.kind == "bm25":
             assert self.bm25 is not None
             return self.bm25.search(list(questions), k)
-        h = self.cfg.hybrid
-        depth = min(n, max(k, h.depth))
-        d_scores, d_ids = self.dense(questions, depth)
+        return self.search_all(questions, k)["hybrid"]
+
+    def search_all(self, questions: Sequence[str],
+                   k: int) -> dict[str, tuple[np.ndarray, list[list[str]]]]:
+        """Dense, BM25 and their fusion from one pass of each (what evaluation compares)."""
         assert self.bm25 is not None
+        depth = min(self.n_passages, max(k, self.cfg.hybrid.depth))
+        d_scores, d_ids = self.dense(questions, depth)
         b_scores, b_ids = self.bm25.search(list(questions), depth)
+        return {"dense": (d_scores[:, :k], [r[:k] for r in d_ids]),
+                "bm25": (b_scores[:, :k], [r[:k] for r in b_ids]),
+                "hybrid": self.fuse(d_scores, d_ids, b_scores, b_ids, k)}
+
+    def fuse(self, d_scores: np.ndarray, d_ids: list[list[str]], b_scores: np.ndarray,
+             b_ids: list[list[str]], k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Fuse dense and BM25 candidate lists by cfg.hybrid (RRF or weighted scores)."""
+        h = self.cfg.hybrid
         if h.fusion == "rrf":
             rankings = [[d, b] for d, b in zip(d_ids, b_ids, strict=True)]
             return fusion.reciprocal_rank_fusion(rankings, top_k=k, k=h.rrf_k)

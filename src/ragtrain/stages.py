@@ -162,7 +162,7 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
         model, corpus, train, dev, rc, seed=cfg.seed, ckpt_dir=paths.retriever_checkpoints,
         resume=resume, bm25=bm25, on_step=step_cb, progress=progress,
         signature_parts=[sha256_file(paths.corpus), sha256_file(paths.queries("train")),
-                         sha256_file(paths.queries("dev"))])
+                         sha256_file(paths.queries("dev")), *_code_hashes(TRAINING_CODE)])
     model.save(paths.retriever)
     metrics: dict[str, Any] = {"train/steps": state.step,
                                "train/seconds": round(time.perf_counter() - t0, 1)}
@@ -175,6 +175,15 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
               for h in history if "train/loss" in h]
     atomic_write_json(paths.retriever_train_plot, losses)
     return metrics
+
+
+# A checkpoint is resumed only by the same code: the modules dvc.yaml lists for training.
+TRAINING_CODE = ("retriever", "retriever_train", "losses", "mining", "trainer")
+
+
+def _code_hashes(modules: tuple[str, ...]) -> list[str]:
+    pkg = Path(__file__).parent
+    return [sha256_file(pkg / f"{m}.py") for m in modules]
 
 
 def run_build_index(cfg: Config, paths: Paths) -> Path:
@@ -220,12 +229,9 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     check_gold_ids(rows, corpus, str(paths.queries(split)))
     questions = [r["question"] for r in rows]
     k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
-    ranked: dict[str, list[list[str]]] = {}
-    corpus_sha = sha256_file(paths.corpus)
-    for kind in ("bm25", "dense", "hybrid"):
-        r = Retriever.load(kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
-                           bm25_dir=paths.bm25, corpus_sha256=corpus_sha)
-        ranked[kind] = r.search(questions, k)[1]
+    r = Retriever.load("hybrid", rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+    ranked = {kind: ids for kind, (_, ids) in r.search_all(questions, k).items()}
     base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
     with runtime.autocast(runtime.use_bf16(rc.precision)):
         p = base.encode_passages(corpus.texts, cfg.index.encode_batch_size, progress=True)
