@@ -550,6 +550,9 @@ def _percentiles(values: list[int], prefix: str) -> dict[str, float]:
 
 def prepare_dataset(ds: Dataset, cfg: DataConfig, tokenize: Tokenize | None = None) -> Prepared:
     """Chunk, merge duplicates, map gold labels, split by document; with statistics."""
+    if tokenize is None:  # one tokenizer for chunking and the length statistics
+        tokenize = whitespace_offsets if cfg.chunk_tokens == 0 else make_tokenizer(
+            cfg.chunk_tokenizer)
     passages = chunk_units(ds.units, cfg, tokenize)
     if not passages:
         raise DataError("no passages after chunking (every text is blank)")
@@ -579,9 +582,6 @@ def prepare_dataset(ds: Dataset, cfg: DataConfig, tokenize: Tokenize | None = No
             splits_of_kept.setdefault(alias[p.passage_id], set()).add(split_of[p.doc_id])
     across = sum(len(s) > 1 for s in splits_of_kept.values())
 
-    if tokenize is None:
-        tokenize = whitespace_offsets if cfg.chunk_tokens == 0 else make_tokenizer(
-            cfg.chunk_tokenizer)
     stats: dict[str, float | int] = {
         "data/documents": len({u.doc_id for u in ds.units}),
         "data/units": len(ds.units),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ class Corpus:
                    [passage_input(r.get("title", ""), r["text"]) for r in rows],
                    {r["passage_id"]: r["text"] for r in rows})
 
-    @property
+    @functools.cached_property
     def by_id(self) -> dict[str, str]:
         return dict(zip(self.ids, self.texts, strict=True))
 

@@ -245,17 +245,20 @@ class RunHandle:
     tracking_uri: str
     _client: Any = field(repr=False, compare=False)
 
+    def _log_batch(self, kind: str, items: list[Any], per_batch: int) -> None:
+        """Send params / metrics / tags to MLflow in batches of its size limit."""
+        with _mlflow_errors(f"run {self.run_id}: log {kind}"):
+            for chunk in _chunks(items, per_batch):
+                self._client.log_batch(self.run_id, **{kind: chunk})
+
     def log_params(self, flat: Mapping[str, Any]) -> None:
         """Log flat params: values stringified and truncated to MLflow's 6,000 characters."""
         from mlflow.entities import Param
 
-        params = [
+        self._log_batch("params", [
             Param(check_name(str(k), "param"), _truncate(v, _MAX_PARAM_LEN, str(k), "param"))
             for k, v in flat.items()
-        ]
-        with _mlflow_errors(f"run {self.run_id}: log_params"):
-            for chunk in _chunks(params, _MAX_PARAMS_PER_BATCH):
-                self._client.log_batch(self.run_id, params=chunk)
+        ], _MAX_PARAMS_PER_BATCH)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics at ``step``; a bad name raises (naming it); NaN is skipped with a warning."""
@@ -272,21 +275,16 @@ class RunHandle:
                 log.warning("metric %r is NaN; not logged (step %s)", k, step)
                 continue
             out.append(Metric(k, value, ts, int(step or 0)))
-        with _mlflow_errors(f"run {self.run_id}: log_metrics"):
-            for chunk in _chunks(out, _MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=chunk)
+        self._log_batch("metrics", out, _MAX_METRICS_PER_BATCH)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags: values stringified and truncated to MLflow's 8,000 characters."""
         from mlflow.entities import RunTag
 
-        run_tags = [
+        self._log_batch("tags", [
             RunTag(check_name(str(k), "tag"), _truncate(v, _MAX_TAG_LEN, str(k), "tag"))
             for k, v in tags.items()
-        ]
-        with _mlflow_errors(f"run {self.run_id}: set_tags"):
-            for chunk in _chunks(run_tags, _MAX_PARAMS_PER_BATCH):
-                self._client.log_batch(self.run_id, tags=chunk)
+        ], _MAX_PARAMS_PER_BATCH)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file, or a folder's contents, to the run (a folder lands under its own name)."""
