@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when run as a script
 
-from ragtrain import stages
-from ragtrain.config import load_config, set_params
-from ragtrain.errors import RagtrainError
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
+
+from ragtrain import stages  # noqa: E402
+from ragtrain.config import load_config, set_params  # noqa: E402
+from ragtrain.errors import RagtrainError  # noqa: E402
 
 
 @task(task_run_name="dvc repro {stage}")
@@ -55,8 +57,10 @@ def _metrics_table(metrics: dict[str, float]) -> str:
 
 @flow(name="rag-train-eval", log_prints=True)
 def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
-                 push: bool = True) -> dict[str, float]:
-    """Train and evaluate the RAG pipeline: the `dvc.yaml` stages in order, then `dvc push`."""
+                 push: bool = True, promote: bool = False) -> dict[str, float]:
+    """Train and evaluate the RAG pipeline: the `dvc.yaml` stages in order (the last registers
+    the RAG model as challenger), then `dvc push`; `promote`: then the registry's promotion
+    rule (a refusal is reported, not a failure of the run)."""
     params = Path(params_path).resolve()
     root = params.parent
     paths = stages.Paths(root)
@@ -80,6 +84,14 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
         link = tracking_link(cfg.tracking.uri, run.experiment_id, run.run_id)
         create_link_artifact(link, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
         print(f"MLflow run: {link}")
+    if promote:
+        from flows.promote import promote_challenger
+        from ragtrain.errors import RegistryError
+
+        try:
+            promote_challenger(str(params))
+        except RegistryError as e:  # e.g. nothing new registered: reported, the run succeeded
+            print(f"not promoted: {e}")
     return metrics
 
 

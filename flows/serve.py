@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from prefect import serve  # noqa: E402
 
+from flows.promote import evaluate_champion, promote  # noqa: E402
 from flows.rag_pipeline import rag_pipeline  # noqa: E402
 
 
@@ -28,10 +29,25 @@ def deployments() -> list:
         rag_pipeline.to_deployment(
             name="train-eval",
             parameters={"params_path": str(ROOT / "params.yaml"), "overrides": {},
-                        "push": True},
+                        "push": True, "promote": False},
             description="Train and evaluate the RAG pipeline (the dvc.yaml stages, through "
                         "DVC). overrides: params.yaml keys, e.g. {\"retriever.lr\": 1.0e-4}.",
             tags=["ragtrain"],
+        ),
+        promote.to_deployment(
+            name="promote",
+            parameters={"params_path": str(ROOT / "params.yaml"), "version": ""},
+            description="Make the registered challenger (or `version`) the champion if it "
+                        "beats it on registry.primary_metric; refused (failed run) otherwise.",
+            tags=["ragtrain", "registry"],
+        ),
+        evaluate_champion.to_deployment(
+            name="evaluate-champion",
+            parameters={"params_path": str(ROOT / "params.yaml"),
+                        "questions": "data/prepared/test.jsonl", "split": "test",
+                        "record": True},
+            description="Re-score the champion on a JSONL question file (question + answers).",
+            tags=["ragtrain", "registry"],
         ),
     ]
 

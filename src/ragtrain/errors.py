@@ -33,3 +33,7 @@ class IndexFileError(RagtrainError):
 
 class TrackingError(RagtrainError):
     """The MLflow store, a run, a registry call or a plot failed; the message says how to fix it."""
+
+
+class RegistryError(TrackingError):
+    """A registry action cannot be carried out (no challenger, no previous champion, ...)."""

@@ -648,6 +648,69 @@ def version_metrics(cfg: TrackingConfig, name: str, version: str, *,
         return dict(mc.get_run(mv.run_id).data.metrics)
 
 
+def version_tags(cfg: TrackingConfig, name: str, version: str, *,
+                 root: Path = Path(".")) -> dict[str, str]:
+    """The tags of ``name`` version ``version``."""
+    with _mlflow_errors(f"tags of {name} version {version}"):
+        return dict(client(cfg.uri, root).get_model_version(name, str(version)).tags)
+
+
+def delete_version(cfg: TrackingConfig, name: str, version: str, *,
+                   root: Path = Path(".")) -> None:
+    """Delete one model version, and the registered model if it has no version left."""
+    mc = client(cfg.uri, root)
+    with _mlflow_errors(f"delete {name} version {version}"):
+        mc.delete_model_version(name, str(version))
+        if not mc.search_model_versions(f"name = '{name}'"):
+            mc.delete_registered_model(name)
+
+
+def download_version(cfg: TrackingConfig, name: str, version: str, dst: Path, *,
+                     root: Path = Path(".")) -> Path:
+    """Download the artifacts of ``name`` version ``version`` into ``dst``; returns the folder."""
+    from mlflow.artifacts import download_artifacts
+
+    mc = client(cfg.uri, root)
+    with _mlflow_errors(f"download {name} version {version}"):
+        source = mc.get_model_version_download_uri(name, str(version))
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                       tracking_uri=resolve_uri(cfg.uri, root)))
+
+
+def load_rag_model(cfg: TrackingConfig, name: str, alias: str, dst: Path, *,
+                   root: Path = Path(".")) -> tuple[str, Any]:
+    """(version, the RAG model) of ``name@alias``, downloaded to ``dst`` and loaded the way
+    serving loads it (``mlflow.pyfunc.load_model`` -> ``RAGPyfunc.load_context``)."""
+    import mlflow.pyfunc
+
+    version = get_alias(cfg, name, alias, root=root)
+    if version is None:
+        raise TrackingError(f"no model {name}@{alias} in {cfg.uri}")
+    local = download_version(cfg, name, version, dst, root=root)
+    with _mlflow_errors(f"load {name} version {version}"):
+        return version, mlflow.pyfunc.load_model(str(local)).unwrap_python_model().model
+
+
+def log_rag_model(run: RunHandle, bundle: Path, example_questions: Sequence[str],
+                  artifact_path: str = "rag", *, rag_class: str | None = None) -> str:
+    """Log the RAG bundle as an MLflow pyfunc model folder under ``artifact_path`` of ``run``.
+
+    Saved locally first (from code: no pickle; explicit signature, pinned requirements, so the
+    model is not loaded), then copied to the run; register it with ``register_model``.
+    """
+    import tempfile
+
+    from ragtrain import tracking_pyfunc
+
+    kwargs = {"rag_class": rag_class} if rag_class else {}
+    with tempfile.TemporaryDirectory() as tmp, _mlflow_errors(f"log RAG model {bundle}"):
+        out = tracking_pyfunc.save_rag_pyfunc(bundle, Path(tmp) / "model", example_questions,
+                                              **kwargs)
+        run.log_artifact(out, artifact_path)
+    return artifact_path
+
+
 # --------------------------------------------------------------------------- plots
 
 

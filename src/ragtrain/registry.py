@@ -1,0 +1,379 @@
+"""The model registry: register a pipeline run's RAG model, promote it, roll back.
+
+Orchestration over ``tracking.py`` (no mlflow import here). Three registered models per
+``registry.model_name`` (say ``ragtrain-rag``):
+
+- ``ragtrain-rag``: the composite RAG model, an MLflow pyfunc around the self-contained bundle
+  (questions in, answers with cited passages and scores out);
+- ``ragtrain-rag-retriever``: encoder + index (+ BM25), bound by the encoder fingerprint;
+- ``ragtrain-rag-generator``: the generator.
+
+Aliases: ``challenger`` (the latest registered model) and ``champion`` (the promoted one). A RAG
+version carries tags: ``metric.<key>`` (its evaluation metrics), the evaluation set's sha256, the
+encoder's and the index's encoder fingerprints, its component versions. A promotion decision
+(both metrics, the winner, the reason) is written as ``ragtrain.promotion.*`` tags on both
+versions; the champion a promotion replaced is kept in ``ragtrain.previous_champion``, which
+``rollback`` returns to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragtrain import tracking
+from ragtrain.config import RegistryConfig, TrackingConfig
+from ragtrain.errors import RegistryError
+from ragtrain.tracking import Decision
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+METRIC_TAG = "metric."  # + a metrics-file key: "metric.test/f1"
+EVAL_SET_TAG = "ragtrain.eval_set_sha256"
+ENCODER_FP_TAG = "ragtrain.encoder_fingerprint"
+INDEX_FP_TAG = "ragtrain.index_encoder_fingerprint"
+CORPUS_TAG = "ragtrain.corpus_sha256"
+PREVIOUS_TAG = "ragtrain.previous_champion"
+ROLLED_BACK_TAG = "ragtrain.rolled_back"
+DECISION_TAG = "ragtrain.promotion."
+RAG_ARTIFACT = "rag"
+COMPONENTS = ("retriever", "generator")
+
+
+def component_name(name: str, component: str) -> str:
+    return f"{name}-{component}"
+
+
+def _version_tag(component: str) -> str:
+    return f"ragtrain.{component}_version"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def metrics_of(tags: Mapping[str, str]) -> dict[str, float]:
+    """The metrics recorded on a version (``metric.<key>`` tags)."""
+    out = {}
+    for k, v in tags.items():
+        if k.startswith(METRIC_TAG):
+            with contextlib.suppress(ValueError):
+                out[k[len(METRIC_TAG):]] = float(v)
+    return out
+
+
+# --------------------------------------------------------------------------- register
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered RAG model version, its run and its component versions."""
+
+    name: str
+    version: str
+    run_id: str
+    components: dict[str, str] = field(default_factory=dict)
+
+
+def binding_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The tags that bind a model to its data: eval set, corpus and both fingerprints."""
+    return {EVAL_SET_TAG: str(manifest.get("eval_set_sha256", "")),
+            ENCODER_FP_TAG: str(manifest.get("encoder_fingerprint", "")),
+            INDEX_FP_TAG: str(manifest.get("index_encoder_fingerprint", "")),
+            CORPUS_TAG: str(manifest.get("corpus_sha256", ""))}
+
+
+def register(run: tracking.RunHandle, rcfg: RegistryConfig, tcfg: TrackingConfig, *,
+             bundle: Path, manifest: Mapping[str, Any], metrics: Mapping[str, float],
+             components: Mapping[str, Sequence[Path]], example_questions: Sequence[str],
+             root: Path = Path("."), rag_class: str | None = None) -> Registered:
+    """Log the RAG model and its components to ``run``, then register them as ``challenger``.
+
+    Everything is logged before anything is registered; if a registration step fails, the
+    versions already created are deleted and the previous challenger aliases restored, so the
+    registry never holds a half-registered model.
+
+    Args:
+        components: per component ("retriever", "generator"), the folders to log for it.
+    """
+    name = rcfg.model_name
+    if rcfg.primary_metric not in metrics:
+        raise RegistryError(
+            f"registry.primary_metric: {rcfg.primary_metric!r} is not among the metrics to "
+            f"record ({', '.join(sorted(metrics)) or 'none'}); fix the key or run the "
+            "evaluation first")
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise RegistryError(f"unknown component {unknown[0]!r} (known: {', '.join(COMPONENTS)})")
+    binding = binding_tags(manifest)
+    # 1. log everything
+    for component, folders in components.items():
+        for folder in folders:
+            run.log_artifact(Path(folder), f"{component}/{Path(folder).name}")
+    if "retriever" in components:
+        run.log_dict({k.split(".", 1)[1]: v for k, v in binding.items()},
+                     "retriever/binding.json")
+    tracking.log_rag_model(run, bundle, example_questions, RAG_ARTIFACT, rag_class=rag_class)
+    run.log_dict(dict(manifest), f"{RAG_ARTIFACT}_manifest.json")
+    run.log_metrics(dict(metrics))
+    run.set_tags(binding)
+
+    # 2. register, all or nothing
+    names = {c: component_name(name, c) for c in components} | {"rag": name}
+    before = {n: tracking.get_alias(tcfg, n, CHALLENGER, root=root) for n in names.values()}
+    created: dict[str, str] = {}
+    try:
+        for component in components:
+            created[component] = tracking.register_model(
+                tcfg, run.run_id, component, names[component], binding, root=root)
+        tags = {**binding, **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()},
+                **{_version_tag(c): v for c, v in created.items()}}
+        created["rag"] = tracking.register_model(tcfg, run.run_id, RAG_ARTIFACT, name, tags,
+                                                 root=root)
+        for key, version in created.items():
+            tracking.set_alias(tcfg, names[key], CHALLENGER, version, root=root)
+    except BaseException:
+        for key, version in reversed(created.items()):
+            with contextlib.suppress(Exception):
+                tracking.delete_version(tcfg, names[key], version, root=root)
+            with contextlib.suppress(Exception):
+                if before[names[key]] is not None:
+                    tracking.set_alias(tcfg, names[key], CHALLENGER, before[names[key]],
+                                       root=root)
+        raise
+    run.set_tags({"ragtrain.registered": f"{name}/{created['rag']}"})
+    return Registered(name, created.pop("rag"), run.run_id, created)
+
+
+# --------------------------------------------------------------------------- promote
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A promotion decision: who was compared, on what, who won and why."""
+
+    name: str
+    metric: str
+    challenger: str
+    champion: str | None  # the champion before the decision
+    challenger_value: float | None
+    champion_value: float | None
+    decision: Decision
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision.promote
+
+    @property
+    def winner(self) -> str | None:
+        return self.challenger if self.promoted else self.champion
+
+    def tags(self) -> dict[str, str]:
+        def fmt(v: float | None) -> str:
+            return "none" if v is None else repr(v)
+
+        return {f"{DECISION_TAG}{k}": v for k, v in {
+            "decision": "promoted" if self.promoted else "refused",
+            "reason": self.decision.reason,
+            "metric": self.metric,
+            "challenger": self.challenger,
+            "challenger_value": fmt(self.challenger_value),
+            "champion": self.champion or "none",
+            "champion_value": fmt(self.champion_value),
+            "winner": self.winner or "none",
+            "time": _now(),
+        }.items()}
+
+
+def check_compatible(challenger: str, ch_tags: Mapping[str, str], champion: str | None,
+                     champ_tags: Mapping[str, str] | None) -> Decision | None:
+    """A refusal when the challenger cannot be judged: its index was built by another encoder
+    than its retriever's, or it was evaluated on another set than the champion; else None."""
+    enc, idx = ch_tags.get(ENCODER_FP_TAG, ""), ch_tags.get(INDEX_FP_TAG, "")
+    if not enc or not idx:
+        return Decision(False, f"refused: version {challenger} does not record its encoder and "
+                               "index fingerprints; register it again (ragtrain register)")
+    if enc != idx:
+        return Decision(False, f"refused: version {challenger}'s index was built by encoder "
+                               f"{idx[:16]}, but its retriever is encoder {enc[:16]}; rebuild "
+                               "the index (ragtrain build-index) and register again")
+    if champion is None or champ_tags is None:
+        return None
+    mine, theirs = ch_tags.get(EVAL_SET_TAG, ""), champ_tags.get(EVAL_SET_TAG, "")
+    if not mine or not theirs:
+        who = challenger if not mine else champion
+        return Decision(False, f"refused: version {who} does not record its evaluation set "
+                               "(sha256); cannot compare")
+    if mine != theirs:
+        return Decision(False, f"refused: different evaluation sets: challenger {challenger} "
+                               f"was evaluated on {mine[:12]}, champion {champion} on "
+                               f"{theirs[:12]}; re-score the champion on the challenger's set "
+                               "(evaluate-champion) or evaluate both on the same data")
+    return None
+
+
+def _set_champion(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str,
+                  tags: Mapping[str, str], root: Path) -> None:
+    """Point the RAG model's champion alias, then its components', at ``version``'s."""
+    tracking.set_alias(tcfg, rcfg.model_name, CHAMPION, version, root=root)
+    for c in COMPONENTS:
+        if tags.get(_version_tag(c)):
+            tracking.set_alias(tcfg, component_name(rcfg.model_name, c), CHAMPION,
+                               tags[_version_tag(c)], root=root)
+
+
+def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."),
+            version: str | None = None) -> Promotion:
+    """Judge the challenger (or ``version``) against the champion and move ``champion`` if it
+    wins; the decision is recorded as tags on both versions either way.
+
+    Refused (``Promotion.promoted`` false): a metric not better by more than
+    ``registry.min_gain``, a first model below ``registry.floor``, evaluation sets that differ,
+    an index built by another encoder than the retriever's.
+    """
+    name = rcfg.model_name
+    challenger = version or tracking.get_alias(tcfg, name, CHALLENGER, root=root)
+    if challenger is None:
+        raise RegistryError(f"no {name}@{CHALLENGER} to promote in {tcfg.uri}: register a model "
+                            "first (ragtrain register, or run the pipeline)")
+    champion = tracking.get_alias(tcfg, name, CHAMPION, root=root)
+    if champion == challenger:
+        raise RegistryError(f"{name} version {challenger} is already the champion")
+    ch_tags = tracking.version_tags(tcfg, name, challenger, root=root)
+    champ_tags = (tracking.version_tags(tcfg, name, champion, root=root)
+                  if champion is not None else None)
+    m = rcfg.primary_metric
+    ch_metrics = metrics_of(ch_tags)
+    champ_metrics = metrics_of(champ_tags) if champ_tags is not None else None
+    decision = check_compatible(challenger, ch_tags, champion, champ_tags) or \
+        tracking.should_promote(ch_metrics, champ_metrics, metric=m, min_gain=rcfg.min_gain,
+                                greater_is_better=rcfg.greater_is_better, floor=rcfg.floor)
+
+    def value(ms: Mapping[str, float] | None) -> float | None:
+        v = None if ms is None else ms.get(m)
+        return None if v is None or math.isnan(v) else v
+
+    result = Promotion(name, m, challenger, champion, value(ch_metrics), value(champ_metrics),
+                       decision)
+    tags = result.tags()
+    tracking.tag_version(tcfg, name, challenger, tags, root=root)
+    if champion is not None:
+        tracking.tag_version(tcfg, name, champion, tags, root=root)
+    if result.promoted:
+        tracking.tag_version(tcfg, name, challenger, {PREVIOUS_TAG: champion or ""}, root=root)
+        _set_champion(rcfg, tcfg, challenger, ch_tags, root)
+        if tracking.get_alias(tcfg, name, CHALLENGER, root=root) == challenger:
+            tracking.delete_alias(tcfg, name, CHALLENGER, root=root)
+            for c in COMPONENTS:
+                if ch_tags.get(_version_tag(c)):
+                    tracking.delete_alias(tcfg, component_name(name, c), CHALLENGER, root=root)
+    return result
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+@dataclass(frozen=True)
+class Rollback:
+    name: str
+    replaced: str  # the champion before
+    champion: str  # the champion now (the one it had replaced)
+
+
+def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
+             root: Path = Path(".")) -> Rollback:
+    """Return ``champion`` to the version the current champion replaced."""
+    name = rcfg.model_name
+    current = tracking.get_alias(tcfg, name, CHAMPION, root=root)
+    if current is None:
+        raise RegistryError(f"no {name}@{CHAMPION} in {tcfg.uri}: nothing to roll back")
+    previous = tracking.version_tags(tcfg, name, current, root=root).get(PREVIOUS_TAG, "")
+    if not previous:
+        raise RegistryError(f"{name} version {current} was the first champion: there is no "
+                            "previous champion to roll back to")
+    prev_tags = tracking.version_tags(tcfg, name, previous, root=root)  # raises if deleted
+    _set_champion(rcfg, tcfg, previous, prev_tags, root)
+    tracking.tag_version(tcfg, name, current,
+                         {ROLLED_BACK_TAG: f"replaced by version {previous} at {_now()}"},
+                         root=root)
+    return Rollback(name, current, previous)
+
+
+# --------------------------------------------------------------------------- re-score
+
+
+def read_scored_questions(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file of ``{"question": str, "answers": [str, ...]}`` (what ``prepare`` writes
+    in data/prepared/{dev,test}.jsonl); every line is checked before any work."""
+    import json
+
+    from ragtrain.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        q, a = (r.get("question"), r.get("answers")) if isinstance(r, dict) else (None, None)
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{path}:{n}: needs a non-empty string \"question\"")
+        if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
+            raise DataError(f"{path}:{n}: needs \"answers\", a non-empty list of strings")
+        rows.append(r)
+    if not rows:
+        raise DataError(f"{path}: no questions")
+    return rows
+
+
+def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path, *,
+                     root: Path = Path("."), alias: str = CHAMPION, split: str = "test",
+                     record: bool = True) -> tuple[str, dict[str, float]]:
+    """Re-score ``name@alias`` on a question file with the evaluate stage's metric code
+    (``evaluation.score_answers``): ``{split}/em``, ``/f1``, ``/accuracy`` (percent) and
+    ``/n_questions``. ``record``: the metrics and the file's sha256 replace the version's
+    recorded ones, so a challenger evaluated on that file can be compared with it."""
+    import tempfile
+
+    from ragtrain.evaluation import score_answers
+    from ragtrain.io import sha256_file
+
+    rows = read_scored_questions(questions)
+    with tempfile.TemporaryDirectory() as tmp:
+        version, model = tracking.load_rag_model(tcfg, rcfg.model_name, alias, Path(tmp),
+                                                 root=root)
+        answers = model.answer([r["question"] for r in rows])
+    scores = score_answers([a["answer"] for a in answers], [r["answers"] for r in rows])
+    metrics = {f"{split}/{k}": round(v, 4) for k, v in scores.items()}
+    metrics[f"{split}/n_questions"] = float(len(rows))
+    if record:
+        tracking.tag_version(tcfg, rcfg.model_name, version, {
+            **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
+            EVAL_SET_TAG: sha256_file(Path(questions)),
+            "ragtrain.rescored": f"{Path(questions).name} at {_now()}"}, root=root)
+    return version, metrics
+
+
+# --------------------------------------------------------------------------- report
+
+
+def describe(p: Promotion) -> str:
+    """One paragraph for the CLI and the flows."""
+    if p.promoted:
+        head = f"{p.name} version {p.challenger} is now the champion"
+        if p.champion:
+            head += f" (was version {p.champion}; `ragtrain rollback` returns to it)"
+    else:
+        head = (f"{p.name} version {p.challenger} was not promoted; the champion stays "
+                + (f"version {p.champion}" if p.champion else "unset"))
+    return f"{head}\n  {p.decision.reason}"

@@ -1,0 +1,180 @@
+"""The RAG model as an MLflow pyfunc: part of the tracking layer (it imports mlflow).
+
+``save_rag_pyfunc`` writes an MLflow model folder around a RAG bundle (the self-contained folder
+``rag.export_bundle`` writes; weights in safetensors). The model is saved "from code": the model
+folder holds a three-line Python file that builds ``RAGPyfunc``, so nothing is pickled. Loading
+(``mlflow.pyfunc.load_model("models:/<name>@champion")`` or ``mlflow models serve``) runs
+``RAGPyfunc.load_context``, which calls ``RAGModel.load`` on the bundle copied into the model's
+artifacts. The environment that loads it must have ragtrain installed (``pip install -e .``;
+``mlflow models serve --env-manager local`` uses the current one).
+
+Input: a DataFrame with a ``question`` column, a list of questions, or ``{"question": [...]}``;
+optional param ``top_k``. Output: one dict per question, ``{"question", "answer", "passages":
+[{"id", "title", "text", "score"}, ...], "answer_score", "answer_passage"}`` (the cited
+passages with their retrieval scores, best first; the id of the one the answer comes from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+with warnings.catch_warnings():  # mlflow's own PythonModel subclasses warn about type hints
+    warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+    import mlflow.pyfunc
+
+RAG_CLASS = "ragtrain.rag:RAGModel"  # what loads the bundle: a class with load() and answer()
+BUNDLE_ARTIFACT = "bundle"
+_CODE = (
+    "from mlflow.models import set_model\n"
+    "from ragtrain.tracking_pyfunc import RAGPyfunc\n"
+    "set_model(RAGPyfunc())\n"
+)
+# Recorded in the model's requirements.txt (for a serving environment built elsewhere; ragtrain
+# itself is installed from the repo).
+_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "faiss-cpu", "bm25s", "numpy",
+                 "pandas")
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def questions_of(model_input: Any) -> list[str]:
+    """The questions in a pyfunc input: a DataFrame/dict with a ``question`` column, or a list."""
+    if hasattr(model_input, "columns"):  # pandas DataFrame
+        if "question" not in model_input.columns:
+            raise ValueError(f"input: expected a 'question' column, got columns "
+                             f"{list(model_input.columns)}")
+        qs = model_input["question"].tolist()
+    elif isinstance(model_input, Mapping):
+        if "question" not in model_input:
+            raise ValueError(f"input: expected a 'question' key, got {sorted(model_input)}")
+        qs = model_input["question"]
+        qs = [qs] if isinstance(qs, str) else list(qs)
+    elif isinstance(model_input, str):
+        qs = [model_input]
+    elif isinstance(model_input, Sequence) or hasattr(model_input, "tolist"):
+        qs = list(model_input.tolist() if hasattr(model_input, "tolist") else model_input)
+    else:
+        raise ValueError(f"input: expected questions, got {type(model_input).__name__}")
+    for i, q in enumerate(qs):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"input: question {i} is empty or not a string: {q!r}")
+    return [str(q) for q in qs]
+
+
+def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-ready copy of one answer (numpy scalars -> float/str)."""
+    return {
+        "question": str(answer["question"]),
+        "answer": str(answer["answer"]),
+        "answer_score": float(answer.get("answer_score", float("nan"))),
+        "answer_passage": (None if answer.get("answer_passage") is None
+                           else str(answer["answer_passage"])),  # the passage it comes from
+        "passages": [{"id": str(p["id"]), "title": str(p.get("title", "")),
+                      "text": str(p["text"]), "score": float(p["score"])}
+                     for p in answer.get("passages", [])],
+    }
+
+
+# MLflow warns, when the class is defined, that predict has no type hints: on purpose (the
+# explicit signature rules), so that warning is silenced here.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+
+    class RAGPyfunc(mlflow.pyfunc.PythonModel):
+        """Questions in, answers with their cited passages and scores out."""
+
+        def load_context(self, context: Any) -> None:
+            cls = _import((context.model_config or {}).get("rag_class", RAG_CLASS))
+            self.model = cls.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+
+        # No type hints: MLflow would read them as a signature (the explicit one rules).
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            top_k = (params or {}).get("top_k")
+            top_k = int(top_k) if top_k else None  # 0 / None: the bundle's own top_k
+            return [_plain(a) for a in self.model.answer(questions_of(model_input), top_k=top_k)]
+
+
+def signature() -> Any:
+    """Input: a string column ``question``; output: answer and cited passages; param top_k."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import (
+        Array,
+        ColSpec,
+        Object,
+        ParamSchema,
+        ParamSpec,
+        Property,
+        Schema,
+    )
+
+    passage = Object([Property("id", "string"), Property("title", "string"),
+                      Property("text", "string"), Property("score", "double")])
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string", "question"), ColSpec("string", "answer"),
+                        ColSpec("double", "answer_score"),
+                        ColSpec("string", "answer_passage", required=False),
+                        ColSpec(Array(passage), "passages")]),
+        params=ParamSchema([ParamSpec("top_k", "long", 0)]),
+    )
+
+
+def requirements() -> list[str]:
+    """Pinned versions of what the model needs, as installed here."""
+    out = []
+    for dist in _REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bar for copying the bundle, no hint to add type hints to predict."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *,
+                    rag_class: str = RAG_CLASS) -> Path:
+    """Write the MLflow pyfunc model folder ``out`` around ``bundle`` (copied into it).
+
+    Nothing is run: the signature is explicit and the requirements are pinned, so saving takes
+    well under a second and does not load the model.
+    """
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        code = Path(tmp) / "rag_model.py"
+        code.write_text(_CODE)
+        mlflow.pyfunc.save_model(
+            path=str(out), python_model=str(code),
+            artifacts={BUNDLE_ARTIFACT: str(Path(bundle).resolve())},
+            signature=signature(),
+            input_example=pd.DataFrame({"question": list(example_questions)[:2]}),
+            pip_requirements=requirements(), model_config={"rag_class": rag_class},
+        )
+    return Path(out)
