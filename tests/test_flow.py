@@ -20,7 +20,10 @@ def tiny_overrides(tiny_bert_dir: Path) -> dict:
         "retriever.model_name": str(tiny_bert_dir), "retriever.batch_size": 2,
         "retriever.questions_per_passage": 2, "retriever.max_steps": 2,
         "retriever.precision": "fp32", "evaluation.recall_ks": [1, 2, 5],
-        "evaluation.rank_cutoff": 3,
+        "evaluation.rank_cutoff": 3, "retriever.top_k": 2,
+        "generator.model_name": str(tiny_bert_dir), "generator.max_source_tokens": 96,
+        "generator.batch_size": 2, "generator.max_steps": 1, "generator.precision": "fp32",
+        "registry.floor": 0.0,
     }
 
 
@@ -62,7 +65,8 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     proj = copy_repo(tmp_path / "proj")
     sh(proj, "dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"))
     overrides = tiny_overrides(tiny_bert_dir)
-    metrics = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides)
+    metrics = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides,
+                           promote=True)
     assert 0 <= metrics["test/recall_at_1"] <= 1 and metrics["data/passages"] == 5
     assert "max_steps: 2" in (proj / "params.yaml").read_text()  # recorded the DVC way
     lock = (proj / "dvc.lock").read_text()
@@ -77,7 +81,10 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
     assert {r.info.run_name for r in children} == {
-        "fetch", "prepare", "build-bm25", "train-retriever", "build-index", "eval-retriever"}
+        "fetch", "prepare", "build-bm25", "train-retriever", "build-index", "eval-retriever",
+        "retrieve", "train-generator", "evaluate", "package", "register"}
+    # registered by the last stage, then promoted by the flow (promote=True)
+    assert str(mc.get_model_version_by_alias("ragtrain-rag", "champion").version) == "1"
     assert parent.data.metrics["test/recall_at_1"] == pytest.approx(metrics["test/recall_at_1"])
 
     # again: DVC's cache decides, nothing reruns, the metrics are the same
@@ -86,3 +93,31 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     assert len(mc.search_runs([exp.experiment_id])) == len(runs) + 1  # only a new parent run
     assert json.loads((proj / "metrics/retriever.json").read_text())["test/recall_at_1"] == (
         metrics["test/recall_at_1"])
+
+
+@pytest.mark.slow
+def test_promote_and_evaluate_champion_flows(prefect_server: None, tmp_path: Path,
+                                             tiny_bert_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry flows on a registered tiny model: the same code as the CLI."""
+    from flows.promote import evaluate_champion, promote
+    from mlflow.tracking import MlflowClient
+
+    from ragtrain import cli
+    from tests.test_serving import STAGES, params
+
+    (tmp_path / "params.yaml").write_text(params(tiny_bert_dir, "sqlite:///mlruns/mlflow.db")
+                                          .replace("enabled: false", "enabled: true"))
+    monkeypatch.chdir(tmp_path)
+    for stage in (*STAGES, "register"):
+        assert cli.main([stage]) == 0, stage
+    out = promote(params_path=str(tmp_path / "params.yaml"))
+    assert out["champion"] == "1" and out["previous"] is None
+    with pytest.raises(RagtrainError, match="no ragtrain-rag@challenger to promote"):
+        promote(params_path=str(tmp_path / "params.yaml"))
+    m = evaluate_champion(params_path=str(tmp_path / "params.yaml"))
+    assert m["test/n_questions"] >= 1 and 0 <= m["test/f1"] <= 100
+    mc = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    mv = mc.get_model_version_by_alias("ragtrain-rag", "champion")
+    assert float(mv.tags["metric.test/f1"]) == pytest.approx(m["test/f1"])
+    assert "test.jsonl" in mv.tags["ragtrain.rescored"]

@@ -93,10 +93,10 @@ def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, proj, _ = served
-    deps = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployment")
-    (dep,) = deps
-    assert dep["name"] == "train-eval"
-    assert set(dep["parameters"]) == {"params_path", "overrides", "push"}
+    deps = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployments")
+    assert {d["name"] for d in deps} == {"train-eval", "promote", "evaluate-champion"}
+    dep = next(d for d in deps if d["name"] == "train-eval")
+    assert set(dep["parameters"]) == {"params_path", "overrides", "push", "promote"}
     with temporary_settings({PREFECT_API_URL: url}):
         run = run_deployment("rag-train-eval/train-eval", timeout=600,
                              parameters={"overrides": tiny_overrides(tiny_bert_dir)})
@@ -110,6 +110,8 @@ def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["test/recall_at_1"] == pytest.approx(m["test/recall_at_1"])
+    mv = mc.get_model_version_by_alias("ragtrain-rag", "challenger")  # registered, not promoted
+    assert mv.tags["ragtrain.encoder_fingerprint"] == mv.tags["ragtrain.index_encoder_fingerprint"]
     arts = api(url, "/artifacts/filter", {})
     assert {a["key"] for a in arts} >= {"rag-metrics", "mlflow-run"}
 
@@ -127,7 +129,8 @@ def test_ui_renders_the_deployment_and_its_parameters(served: tuple[str, Path, d
     from tests.conftest import REPO
 
     url, _, _ = served
-    (dep,) = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployment")
+    deps = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployments")
+    dep = next(d for d in deps if d["name"] == "train-eval")
     page = f"{url.removesuffix('/api')}/deployments/deployment/{dep['id']}?tab=Parameters"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -140,6 +143,6 @@ def test_ui_renders_the_deployment_and_its_parameters(served: tuple[str, Path, d
     subprocess.run([chromium(), *flags, f"--screenshot={shot}", page], capture_output=True,
                    timeout=120)
     assert "train-eval" in dom and "rag-train-eval" in dom
-    for param in ("params_path", "overrides", "push"):
+    for param in ("params_path", "overrides", "push", "promote"):
         assert param in dom, f"parameter {param} not rendered"
     assert shot.exists() and shot.stat().st_size > 10_000  # kept as the test's output
