@@ -59,6 +59,16 @@ mlflow-ui: venv
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --artifacts-destination $(CURDIR)/mlruns/artifacts
 
+# Serve the registered champion RAG model (mlflow models serve) on
+# http://127.0.0.1:$(SERVE_PORT)/invocations, from the project's store (or MLFLOW_TRACKING_URI).
+SERVE_PORT ?= 5001
+MODEL_NAME ?= ragtrain-rag
+.PHONY: serve
+serve: venv
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db} \
+	  mlflow models serve -m models:/$(MODEL_NAME)@champion --env-manager local \
+	  -h 127.0.0.1 -p $(SERVE_PORT)
+
 # A Prefect server on 127.0.0.1:$(PREFECT_PORT) and the served deployments, in the background:
 # open the UI, pick rag-train-eval/train-eval, edit parameters, Run. `make ui-stop` ends both.
 ui: venv

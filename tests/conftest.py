@@ -61,3 +61,51 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+TINY_RAG_PARAMS = """
+data:
+  source: {source}
+  sha256: ""
+retriever:
+  model_name: {bert}
+  batch_size: 2
+  questions_per_passage: 2
+  max_steps: 2
+  checkpoint_every: 1
+  precision: fp32
+  top_k: 2
+generator:
+  model_name: {bert}
+  max_source_tokens: 96
+  max_answer_tokens: 8
+  batch_size: 2
+  max_steps: 3
+  eval_every: 0
+  dev_questions: 0
+  checkpoint_every: 1
+  precision: fp32
+  eval_batch_size: 4
+evaluation:
+  recall_ks: [1, 2, 5]
+  rank_cutoff: 3
+tracking:
+  enabled: {tracked}
+"""
+
+
+@pytest.fixture()
+def tiny_rag_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                     request: pytest.FixtureRequest) -> Path:
+    """A tiny project (5 passages, tiny BERT retriever and copy generator) with every stage up
+    to `package` run through the CLI; MLflow tracking only under @pytest.mark.tracked."""
+    from ragtrain import cli
+
+    tracked = request.node.get_closest_marker("tracked") is not None
+    (tmp_path / "params.yaml").write_text(TINY_RAG_PARAMS.format(
+        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked=str(tracked).lower()))
+    monkeypatch.chdir(tmp_path)
+    for stage in ("fetch", "prepare", "build-bm25", "train-retriever", "build-index",
+                  "retrieve", "train-generator", "evaluate", "package"):
+        assert cli.main([stage]) == 0, stage
+    return tmp_path

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ragtrain import stages
 from ragtrain.config import (
@@ -71,6 +72,105 @@ def _cmd_eval_retriever(cfg: Config, paths: stages.Paths, args: argparse.Namespa
                                      for c in cols))
 
 
+def _cmd_retrieve(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    m = stages.run_stage("retrieve", cfg, paths)
+    print(f"retrieved top passages -> {paths.retrieved}: " + ", ".join(
+        f"{k}={v:.4f}" for k, v in m.items()))
+
+
+def _cmd_train_generator(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    m = stages.run_stage("train-generator", cfg, paths, resume=args.resume)
+    print(f"trained {cfg.generator.kind} generator -> {paths.generator}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in m.items()))
+
+
+def _cmd_evaluate(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    m = stages.run_stage("evaluate", cfg, paths)
+    split = cfg.evaluation.split
+    print(f"{split}: {int(m[f'{split}/n_questions'])} questions, top-{cfg.retriever.top_k} "
+          f"{cfg.retriever.kind} passages (answer recall "
+          f"{m[f'{split}/answer_recall_at_{cfg.retriever.top_k}']:.3f})")
+    print(f"  {'':28s}{'EM':>8s}{'F1':>8s}{'acc':>8s}")
+    for name, label in (("", "RAG (trained generator)"),
+                        ("gold_passage/", "  same, gold passage given"),
+                        ("untrained/", "untrained generator"),
+                        ("baseline_window/", "sliding-window baseline")):
+        print(f"  {label:28s}" + "".join(f"{m[f'{split}/{name}{x}']:8.2f}"
+                                         for x in ("em", "f1", "accuracy")))
+    print(f"  per question: {paths.generator_predictions}")
+
+
+def _cmd_package(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    stages.run_stage("package", cfg, paths)
+    print(f"RAG model bundle -> {paths.bundle}")
+
+
+def _load_rag(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> Any:
+    from ragtrain.rag import RAGModel
+
+    if args.bundle:
+        return RAGModel.load(args.bundle)
+    return RAGModel.from_parts(cfg.retriever, encoder_dir=paths.retriever,
+                               index_dir=paths.index, bm25_dir=paths.bm25,
+                               generator_dir=paths.generator, corpus_path=paths.corpus,
+                               precision=cfg.generator.precision)
+
+
+def _cmd_ask(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    from ragtrain.errors import DataError
+
+    question = " ".join(args.question).strip()
+    if not question:
+        raise DataError("ask: the question is empty")
+    (a,) = _load_rag(cfg, paths, args).answer([question], top_k=args.top_k)
+    if args.json:
+        print(json.dumps(a, ensure_ascii=False, indent=1))
+        return
+    print(f"answer: {a['answer']}")
+    for i, p in enumerate(a["passages"], 1):
+        mark = " <- answer" if p["id"] == a["answer_passage"] else ""
+        text = p["text"] if len(p["text"]) <= 300 else p["text"][:297] + "..."
+        print(f"[{i}] {p['id']} (score {p['score']:.3f}){mark}\n    {text}")
+
+
+def _read_questions(path: Path) -> list[dict[str, Any]]:
+    """A .jsonl file of {"question", optional "id"} or a text file, one question per line;
+    every line is checked before any work."""
+    from ragtrain.errors import DataError
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows: list[dict[str, Any]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            q = r.get("question") if isinstance(r, dict) else None
+            if not isinstance(q, str) or not q.strip():
+                raise DataError(f"{path}:{n}: needs a non-empty string \"question\"")
+            rows.append({"id": str(r.get("id", n)), "question": q})
+        else:
+            rows.append({"id": str(n), "question": line.strip()})
+    if not rows:
+        raise DataError(f"{path}: no questions")
+    return rows
+
+
+def _cmd_predict(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    from ragtrain.io import atomic_path, write_jsonl
+
+    rows = _read_questions(args.questions)
+    answers = _load_rag(cfg, paths, args).answer([r["question"] for r in rows],
+                                                 top_k=args.top_k)
+    with atomic_path(args.output) as tmp:
+        write_jsonl(tmp, ({"id": r["id"], **a} for r, a in zip(rows, answers, strict=True)))
+    print(f"{len(rows)} answers -> {args.output}")
+
+
 def _cmd_pipeline(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
     run_id = stages.run_pipeline(cfg, paths, args.dvc_args)
     if run_id:
@@ -92,6 +192,70 @@ def _cmd_params_set(cfg: Config, paths: stages.Paths, args: argparse.Namespace) 
         print(f"{args.params}: {k} = {v!r}")
 
 
+# --------------------------------------------------------------------------- registry
+
+
+def _cmd_register(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    r = stages.run_register(cfg, paths)
+    if not r["registered"]:
+        print(f"nothing registered: {r['reason']}")
+        return
+    parts = ", ".join(f"{k.removesuffix('_version')} v{v}" for k, v in r.items()
+                      if k.endswith("_version"))
+    print(f"registered {r['model']} version {r['version']} as @{r['alias']} ({parts}; "
+          f"MLflow run {r['run_id']}); `ragtrain promote` makes it the champion if it wins")
+
+
+def _cmd_promote(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    from ragtrain import registry
+    from ragtrain.errors import RegistryError
+
+    p = registry.promote(cfg.registry, cfg.tracking, root=paths.root, version=args.version)
+    print(registry.describe(p))
+    if not p.promoted:
+        raise RegistryError(f"promotion refused (decision recorded as tags on {p.name} "
+                            f"version {p.challenger}" + (f" and {p.champion}" if p.champion
+                                                         else "") + ")")
+
+
+def _cmd_rollback(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    from ragtrain import registry
+
+    r = registry.rollback(cfg.registry, cfg.tracking, root=paths.root)
+    print(f"{r.name}@champion: version {r.replaced} -> version {r.champion} (rolled back)")
+
+
+def _cmd_evaluate_champion(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
+    from ragtrain import registry
+
+    version, m = registry.evaluate_version(cfg.registry, cfg.tracking, args.questions,
+                                           root=paths.root, split=args.split,
+                                           record=args.record)
+    print(f"{cfg.registry.model_name} version {version} (champion) on {args.questions}: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in m.items())
+          + (" (recorded on the version)" if args.record else ""))
+
+
+def _add_registry_commands(sub: Any) -> None:
+    sp = sub.add_parser("register", help="register the RAG model (artifacts/rag) in MLflow "
+                        "as the challenger (the pipeline's last stage)")
+    sp.set_defaults(fn=_cmd_register)
+    sp = sub.add_parser("promote", help="make the challenger the champion if it beats it on "
+                        "registry.primary_metric (exit 2 when refused)")
+    sp.add_argument("--version", help="judge this version instead of @challenger")
+    sp.set_defaults(fn=_cmd_promote)
+    sp = sub.add_parser("rollback", help="return the champion alias to the previous champion")
+    sp.set_defaults(fn=_cmd_rollback)
+    sp = sub.add_parser("evaluate-champion", help="re-score the registered champion on a "
+                        "JSONL file of questions with answers (the evaluate stage's metrics)")
+    sp.add_argument("questions", type=Path, nargs="?", default=Path("data/prepared/test.jsonl"))
+    sp.add_argument("--split", default="test", help="metric prefix (default: test)")
+    sp.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                    help="tag the version with these metrics and the file's sha256, so a "
+                    "challenger evaluated on it can be compared (default: on)")
+    sp.set_defaults(fn=_cmd_evaluate_champion)
+
+
 STAGES: dict[str, tuple[Callable[..., None], str]] = {
     "fetch": (_cmd_fetch, "copy or download data.source into data/raw and verify its sha256"),
     "prepare": (_cmd_prepare, "read, validate, chunk and split the data into data/prepared"),
@@ -101,6 +265,11 @@ STAGES: dict[str, tuple[Callable[..., None], str]] = {
     "build-index": (_cmd_build_index, "encode the corpus and build the FAISS index"),
     "eval-retriever": (_cmd_eval_retriever,
                        "recall@k / MRR / nDCG of BM25, untrained, trained and hybrid retrieval"),
+    "retrieve": (_cmd_retrieve, "retrieve the top passages of every question (generator input)"),
+    "train-generator": (_cmd_train_generator,
+                        "fine-tune the generator by maximum likelihood on retrieved passages"),
+    "evaluate": (_cmd_evaluate, "EM / F1 / accuracy of the RAG model on the held-out split"),
+    "package": (_cmd_package, "assemble the self-contained RAG model bundle (artifacts/rag)"),
 }
 
 
@@ -116,10 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, help_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
-        if name == "train-retriever":
+        if name in ("train-retriever", "train-generator"):
             sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                             help="continue from the last checkpoint of the same run, if any "
                             "(default: on; --no-resume starts over)")
+
+    for name, fn, help_ in (
+            ("ask", _cmd_ask, "answer a question with the RAG model, citing its passages"),
+            ("predict", _cmd_predict, "answer every question of a file (.jsonl or .txt)")):
+        sp = sub.add_parser(name, help=help_, description=help_ + "; from the current "
+                            "pipeline outputs, or a bundle folder (--bundle)")
+        sp.set_defaults(fn=fn)
+        if name == "ask":
+            sp.add_argument("question", nargs="+")
+            sp.add_argument("--json", action="store_true", help="print the answer as JSON")
+        else:
+            sp.add_argument("questions", type=Path, help="questions: .jsonl with a "
+                            "\"question\" (and optional \"id\") per line, or one per line")
+            sp.add_argument("-o", "--output", type=Path, required=True,
+                            help="answers .jsonl (written atomically)")
+        sp.add_argument("--bundle", type=Path, help="a RAG model bundle (artifacts/rag)")
+        sp.add_argument("--top-k", type=int, default=None,
+                        help="passages to read (default: retriever.top_k)")
 
     pl = sub.add_parser("pipeline", help="run `dvc repro` under one parent MLflow run "
                         "(the stages it runs nest under it)")
@@ -140,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps = psub.add_parser("set", help="set KEY=VALUE in params.yaml, e.g. data.source=/path")
     ps.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     ps.set_defaults(fn=_cmd_params_set, skip_load=True)
+    _add_registry_commands(sub)
     return p
 
 

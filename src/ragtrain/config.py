@@ -101,7 +101,7 @@ class RetrieverConfig:
     checkpoint_every: int = _f(50, ge=1)
     early_stopping_patience: int = _f(0, ge=0)  # evaluations without improvement; 0 = off
     kind: Literal["dense", "bm25", "hybrid"] = "hybrid"  # what the RAG model retrieves with
-    top_k: int = _f(5, ge=1)  # passages handed to the generator
+    top_k: int = _f(2, ge=1)  # passages handed to the generator (and cited by the RAG model)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
@@ -121,7 +121,35 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    model_name: str = "all-MiniLM-L6-v2"
+    # copy: a BERT-style encoder warm start used as one prefix-LM with a copy (pointer) head, the
+    # offline default (the bundled "all-MiniLM-L6-v2"); seq2seq: AutoModelForSeq2SeqLM (T5, BART);
+    # causal: AutoModelForCausalLM (loss on the answer tokens only; chat template if it has one).
+    kind: Literal["copy", "seq2seq", "causal"] = "copy"
+    model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
+    gguf_file: str = ""  # causal: a GGUF file inside model_name's folder (transformers gguf_file=)
+    max_source_tokens: int = _f(320, ge=16)  # question + passages; passages share it fairly
+    max_question_tokens: int = _f(48, ge=4)  # longer questions are cut (counted in metrics)
+    max_answer_tokens: int = _f(16, ge=1)
+    # seq2seq / causal: the prompt; {question} and {context} (the passages, each "title: text",
+    # separated by a blank line). The copy model uses [CLS] question [SEP] passage [SEP] ... .
+    template: str = "question: {question}\ncontext: {context}\nanswer:"
+    gold_share: float = _f(0.5, ge=0, le=1)  # training examples with the gold passage forced in
+    decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
+    batch_size: int = _f(16, ge=1)
+    grad_accum_steps: int = _f(1, ge=1)
+    lr: float = _f(1.0e-4, gt=0)
+    new_params_lr: float = _f(1.0e-3, gt=0)  # copy head and LM-head parts the warm start lacks
+    weight_decay: float = _f(0.01, ge=0)
+    warmup_ratio: float = _f(0.06, ge=0, lt=1)
+    grad_clip: float = _f(1.0, ge=0)
+    epochs: int = _f(2, ge=1)
+    max_steps: int = _f(0, ge=0)  # 0 = epochs decide
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = _f(200, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
+    dev_questions: int = _f(300, ge=0)  # dev questions scored per evaluation; 0 = all
+    checkpoint_every: int = _f(50, ge=1)
+    early_stopping_patience: int = _f(0, ge=0)
+    eval_batch_size: int = _f(32, ge=1)
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,18 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    register: bool = True  # the register stage registers each new RAG model as `challenger`
+    # registered models: <model_name> (the composite RAG pyfunc), <model_name>-retriever,
+    # <model_name>-generator
+    model_name: str = _f("ragtrain-rag", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    primary_metric: str = _f("test/f1", pattern=r"^[/\w.\- ]+$")  # a key of the metrics files
+    greater_is_better: bool = True
+    min_gain: float = _f(0.0, ge=0)  # a challenger must beat the champion by more than this
+    floor: float = 10.0  # the first champion must meet it (greater_is_better false: a ceiling)
+
+
+@dataclass(frozen=True)
 class OrchestrationConfig:
     dvc_remote: str = "local"
 
@@ -153,6 +193,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
 

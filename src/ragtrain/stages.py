@@ -20,7 +20,7 @@ from typing import Any
 
 from ragtrain import data, source, tracking
 from ragtrain.config import Config, flatten, to_dict
-from ragtrain.errors import RagtrainError
+from ragtrain.errors import DataError, RagtrainError
 from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file, write_jsonl
 
 
@@ -91,6 +91,45 @@ class Paths:
     @property
     def retriever_predictions(self) -> Path:
         return self._p("artifacts/eval/retriever_test.jsonl")
+
+    @property
+    def retrieved(self) -> Path:
+        return self._p("artifacts/retrieved")
+
+    def retrieved_split(self, split: str) -> Path:
+        return self.retrieved / f"{split}.jsonl"
+
+    @property
+    def generator(self) -> Path:
+        return self._p("artifacts/generator")
+
+    @property
+    def generator_checkpoints(self) -> Path:
+        return self._p("checkpoints/generator")  # not a DVC out: it must survive a killed run
+
+    @property
+    def generator_train_metrics(self) -> Path:
+        return self.metrics / "train_generator.json"
+
+    @property
+    def generator_train_plot(self) -> Path:
+        return self._p("plots/train_generator.json")
+
+    @property
+    def generator_metrics(self) -> Path:
+        return self.metrics / "generator.json"
+
+    @property
+    def generator_predictions(self) -> Path:
+        return self._p("artifacts/eval/generator_test.jsonl")
+
+    @property
+    def bundle(self) -> Path:
+        return self._p("artifacts/rag")  # the self-contained RAG model (what MLflow registers)
+
+    @property
+    def registered(self) -> Path:
+        return self._p("artifacts/registered.json")  # what `register` put in the MLflow registry
 
 
 def run_fetch(cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -259,6 +298,246 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     return metrics
 
 
+# --------------------------------------------------------------------------- generator
+
+RETRIEVE_DEPTH = 20  # passages kept per question by `retrieve` (the generator takes top_k)
+
+
+def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
+    """Top passages of every train / dev / test question with the configured retriever (what
+    the generator trains and is evaluated on) -> artifacts/retrieved/{split}.jsonl."""
+    from ragtrain.retrieval import Retriever
+    from ragtrain.retrieval_metrics import answer_in_passage
+    from ragtrain.retriever_train import Corpus
+
+    rc = cfg.retriever
+    corpus = Corpus.load(paths.corpus)
+    r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+    depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
+    stats: dict[str, float] = {}
+    with atomic_path(paths.retrieved) as tmp:
+        tmp.mkdir()
+        for split in ("train", "dev", "test"):
+            rows = _queries(paths, split)
+            if not rows:
+                write_jsonl(tmp / f"{split}.jsonl", [])
+                continue
+            scores, ids = r.search([q["question"] for q in rows], depth)
+            write_jsonl(tmp / f"{split}.jsonl", (
+                {"id": q["id"], "passage_ids": ids[i],
+                 "scores": [round(float(x), 6) for x in scores[i]]}
+                for i, q in enumerate(rows)))
+            hit = sum(answer_in_passage(q["answers"], " ".join(
+                corpus.raw[p] for p in ids[i][:rc.top_k])) for i, q in enumerate(rows))
+            stats[f"{split}/answer_recall_at_{rc.top_k}"] = hit / len(rows)
+    return stats
+
+
+def _retrieved(paths: Paths, split: str) -> dict[str, list[str]]:
+    p = paths.retrieved_split(split)
+    if not p.exists():
+        raise source.SourceError(f"{p}: missing; run `ragtrain retrieve` first")
+    return {r["id"]: r["passage_ids"] for r in read_jsonl(p)}
+
+
+GENERATOR_CODE = ("generator", "generator_train", "trainer", "evaluation")
+
+
+def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
+                        on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the generator by MLE on the train questions with their retrieved passages
+    (dev F1 picks the best checkpoint) -> artifacts/generator."""
+    from safetensors.torch import load_model, save_model
+
+    from ragtrain.generator import Generator
+    from ragtrain.generator_train import train_generator
+    from ragtrain.rag import load_corpus
+    from ragtrain.trainer import prepare_ckpt_dir, seed_everything
+
+    gc = cfg.generator
+    corpus = load_corpus(paths.corpus)
+    train, dev = _queries(paths, "train"), _queries(paths, "dev")
+    retrieved = {**_retrieved(paths, "train"), **_retrieved(paths, "dev")}
+    for split, rows in (("train", train), ("dev", dev)):
+        for i, r in enumerate(rows, 1):
+            if not r.get("answers"):
+                raise DataError(f"{paths.queries(split)}:{i}: no reference answer to "
+                                     "train or score the generator on")
+    seed_everything(cfg.seed)
+    gen = Generator.from_pretrained(gc)
+    signature = json.dumps([to_dict(gc), cfg.seed, cfg.retriever.top_k,
+                            sha256_file(paths.corpus), sha256_file(paths.queries("train")),
+                            sha256_file(paths.retrieved_split("train")),
+                            *_code_hashes(GENERATOR_CODE)])
+    prepare_ckpt_dir(paths.generator_checkpoints, signature, resume)
+    best = paths.generator_checkpoints / "best.safetensors"
+
+    def save_best() -> None:
+        tmp = best.with_suffix(".tmp")
+        save_model(gen.model, str(tmp))
+        tmp.replace(best)
+
+    history: list[dict[str, float]] = []
+
+    def step_cb(step: int, logs: Mapping[str, float]) -> None:
+        history.append({"step": step, **logs})
+        if on_step:
+            on_step(step, logs)
+
+    t0 = time.perf_counter()
+    state = train_generator(gen, train, dev, retrieved, corpus, gc, top_k=cfg.retriever.top_k,
+                            seed=cfg.seed, ckpt_dir=paths.generator_checkpoints, resume=resume,
+                            signature=signature, save_best=save_best, on_step=step_cb,
+                            progress=progress)
+    seconds = time.perf_counter() - t0
+    if best.exists():
+        load_model(gen.model, str(best))
+    gen.save(paths.generator)
+    metrics: dict[str, Any] = {"train/steps": state.step, "train/seconds": round(seconds, 1),
+                               "train/examples": state.step * gc.batch_size * gc.grad_accum_steps}
+    if state.history:
+        top = max(state.history, key=lambda h: h["dev/f1"])
+        metrics.update({k: v for k, v in top.items() if k.startswith("dev/")})
+        metrics["dev/best_step"] = top["step"]
+    atomic_write_json(paths.generator_train_metrics, metrics)
+    points = [{"step": h["step"], "loss": h["train/loss"], "lr": h["train/lr"]}
+              for h in history if "train/loss" in h]
+    atomic_write_json(paths.generator_train_plot, points)
+    return metrics
+
+
+def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[str, float]:
+    """The RAG model on the held-out split: EM / F1 / accuracy of the trained generator on
+    retrieved passages, beside the same generator given the gold passage, the untrained
+    generator and a non-learned baseline; answer recall of the passages it read
+    -> metrics/generator.json + a per-question table."""
+    import evaluate as hf_evaluate
+
+    from ragtrain import runtime
+    from ragtrain.evaluation import METRIC_MODULE, sliding_window_answer
+    from ragtrain.generator import Generator
+    from ragtrain.generator_train import gold_examples, make_examples
+    from ragtrain.rag import load_corpus
+    from ragtrain.retrieval_metrics import answer_in_passage
+    from ragtrain.trainer import seed_everything
+
+    split, gc, k = cfg.evaluation.split, cfg.generator, cfg.retriever.top_k
+    corpus = load_corpus(paths.corpus)
+    rows = _queries(paths, split)
+    if not rows:
+        raise DataError(f"{paths.queries(split)}: no questions to evaluate")
+    for i, r in enumerate(rows, 1):
+        if not r.get("answers"):
+            raise DataError(f"{paths.queries(split)}:{i}: no reference answer to score")
+    retrieved = _retrieved(paths, split)
+    refs = [r["answers"] for r in rows]
+    metric = hf_evaluate.load(str(METRIC_MODULE))
+    bf16 = runtime.use_bf16(gc.precision)
+
+    def score(prefix: str, answers: list[str]) -> dict[str, float]:
+        m = metric.compute(predictions=answers, references=refs)
+        return {f"{prefix}/em": m["exact_match"], f"{prefix}/f1": m["f1"],
+                f"{prefix}/accuracy": m["accuracy"]}
+
+    gen = Generator.load(paths.generator)
+    t0 = time.perf_counter()
+    preds = gen.answer(make_examples(rows, retrieved, corpus, k), gc.eval_batch_size,
+                       bf16=bf16, progress=progress)
+    per_s = len(rows) / (time.perf_counter() - t0)
+    metrics = score(split, [p.answer for p in preds])
+    recall = [answer_in_passage(r["answers"],
+                                " ".join(corpus[p][1] for p in retrieved[r["id"]][:k]))
+              for r in rows]
+    metrics[f"{split}/answer_recall_at_{k}"] = sum(recall) / len(rows)
+    metrics[f"{split}/answers_per_s"] = round(per_s, 2)
+    metrics[f"{split}/n_questions"] = len(rows)
+    metrics[f"{split}/questions_cut"] = sum(p.question_cut for p in preds)
+    gold = gen.answer(gold_examples(rows, corpus), gc.eval_batch_size, bf16=bf16,
+                      progress=progress)
+    metrics.update(score(f"{split}/gold_passage", [p.answer for p in gold]))
+    base = [sliding_window_answer(r["question"], corpus[retrieved[r["id"]][0]][1]) for r in rows]
+    metrics.update(score(f"{split}/baseline_window", base))
+    del gen
+    seed_everything(cfg.seed)  # the untrained generator's new heads: the same every run
+    untrained = Generator.from_pretrained(gc)
+    u = untrained.answer(make_examples(rows, retrieved, corpus, k), gc.eval_batch_size,
+                         bf16=bf16, progress=progress)
+    metrics.update(score(f"{split}/untrained", [p.answer for p in u]))
+    rank = {}
+    for r in rows:
+        ids = retrieved[r["id"]]
+        g = [ids.index(x) + 1 for x in r.get("gold_passage_ids") or [] if x in ids]
+        rank[r["id"]] = min(g) if g else None
+    from ragtrain.evaluation import score_one
+
+    with atomic_path(paths.generator_predictions) as tmp:
+        write_jsonl(tmp, (
+            {"id": r["id"], "question": r["question"], "references": r["answers"],
+             "prediction": p.answer, **{k2: round(v, 4) for k2, v in
+                                        score_one(p.answer, r["answers"]).items()},
+             "gold_passage_rank": rank[r["id"]], "answer_in_passages": bool(rec),
+             "gold_passage_prediction": g.answer, "baseline_prediction": b}
+            for r, p, g, b, rec in zip(rows, preds, gold, base, recall, strict=True)))
+    metrics = {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in metrics.items()}
+    atomic_write_json(paths.generator_metrics, metrics)
+    return metrics
+
+
+def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers)."""
+    from ragtrain.rag import export_bundle
+
+    extra = {"eval_set_sha256": sha256_file(paths.queries(cfg.evaluation.split)),
+             "eval_split": cfg.evaluation.split}
+    if paths.generator_metrics.exists():
+        extra["metrics"] = json.loads(paths.generator_metrics.read_text())
+    return export_bundle(cfg.retriever, encoder_dir=paths.retriever, index_dir=paths.index,
+                         bm25_dir=paths.bm25, generator_dir=paths.generator,
+                         corpus_path=paths.corpus, out=paths.bundle,
+                         precision=cfg.generator.precision, extra=extra)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Register the RAG model bundle (artifacts/rag) and its parts in MLflow as ``challenger``,
+    with its evaluation metrics, in a `register` run -> artifacts/registered.json."""
+    from ragtrain import registry
+    from ragtrain.rag import MANIFEST
+
+    if not (cfg.registry.register and cfg.tracking.enabled):  # the registry is MLflow's
+        why = ("registry.register is false" if not cfg.registry.register
+               else "tracking.enabled is false")
+        atomic_write_json(paths.registered, {"registered": False, "reason": why})
+        return {"registered": False, "reason": why}
+    f = paths.bundle / MANIFEST
+    if not f.is_file():
+        raise RagtrainError(f"{f}: missing; build the RAG model first (ragtrain package)")
+    manifest = json.loads(f.read_text())
+    metrics: dict[str, float] = {}
+    for m in (paths.retriever_metrics, paths.generator_metrics):
+        if m.is_file():
+            metrics.update(_numeric(json.loads(m.read_text())))
+    questions = [r["question"] for r in _queries(paths, cfg.evaluation.split)[:2]]
+    b = paths.bundle
+    with tracked(cfg, paths, "register") as run:
+        assert run is not None
+        reg = registry.register(
+            run, cfg.registry, cfg.tracking, bundle=b, manifest=manifest, metrics=metrics,
+            components={"retriever": [b / "retriever", b / "index", b / "bm25"],
+                        "generator": [b / "generator"]},
+            example_questions=questions or ["What is this corpus about?"], root=paths.root)
+    out = {"registered": True, "model": reg.name, "version": reg.version,
+           "alias": registry.CHALLENGER, "run_id": reg.run_id,
+           **{f"{c}_version": v for c, v in reg.components.items()},
+           "tracking_uri": cfg.tracking.uri}
+    atomic_write_json(paths.registered, out)
+    return out
+
+
 # --------------------------------------------------------------------------- tracking
 
 PARENT_RUN_ENV = "RAGTRAIN_PARENT_RUN_ID"  # set by `ragtrain pipeline` for the stages under it
@@ -338,13 +617,17 @@ STAGES: dict[str, Callable[..., Any]] = {
     "train-retriever": run_train_retriever,
     "build-index": run_build_index,
     "eval-retriever": run_eval_retriever,
+    "retrieve": run_retrieve,
+    "train-generator": run_train_generator,
+    "evaluate": run_evaluate,
+    "package": run_package,
 }
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, **kwargs: Any) -> Any:
     """Run a stage inside its MLflow run (what the CLI, hence dvc.yaml, calls)."""
     with tracked(cfg, paths, name) as run:
-        if run is not None and name == "train-retriever":
+        if run is not None and name in ("train-retriever", "train-generator"):
             kwargs["on_step"] = lambda step, logs: run.log_metrics(logs, step=step)
         result = STAGES[name](cfg, paths, **kwargs)
         if run is not None:

@@ -1,0 +1,131 @@
+"""Generator training by maximum likelihood on retrieved passages (as RAG trains it).
+
+Each training example is a question with its top-k retrieved passages; in a configurable share of
+examples (``gold_share``) the gold passage is forced in (replacing the lowest-ranked one, at a
+random slot) so the generator sees the answer often enough to learn to copy it, and learns to
+ignore distractors the rest of the time. The data order and the forcing are fixed by the seed and
+the epoch, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragtrain import runtime
+from ragtrain.config import GeneratorConfig
+from ragtrain.evaluation import score_answers
+from ragtrain.generator import Example, Generator, Passage, Prediction
+from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
+
+
+def passages_of(ids: Sequence[str], corpus: Mapping[str, Passage]) -> list[Passage]:
+    return [corpus[p] for p in ids]
+
+
+def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Sequence[str]],
+                  corpus: Mapping[str, Passage], top_k: int, *, gold_share: float = 0.0,
+                  rng: random.Random | None = None) -> list[Example]:
+    """Question + top-k retrieved passages (+ the first reference answer); with probability
+    ``gold_share`` the gold passage is forced in when retrieval missed it."""
+    out = []
+    for r in rows:
+        ids = list(retrieved[r["id"]][:top_k])
+        gold = r.get("gold_passage_ids") or []
+        if rng is not None and gold and gold_share > 0 and rng.random() < gold_share:
+            if not set(gold) & set(ids):
+                slot = rng.randrange(len(ids)) if ids else 0
+                ids = ids[:slot] + ids[slot + 1:]
+                ids.insert(rng.randrange(len(ids) + 1), gold[0])
+        answers = r.get("answers") or [""]
+        out.append(Example(r["question"], passages_of(ids, corpus), answers[0]))
+    return out
+
+
+def gold_examples(rows: Sequence[Mapping[str, Any]], corpus: Mapping[str, Passage]
+                  ) -> list[Example]:
+    """The gold passage alone (the contrast figure: generation without retrieval errors)."""
+    return [Example(r["question"], passages_of(r["gold_passage_ids"][:1], corpus),
+                    (r.get("answers") or [""])[0]) for r in rows]
+
+
+def evaluate_generator(gen: Generator, examples: Sequence[Example],
+                       references: Sequence[Sequence[str]], *, batch_size: int, bf16: bool,
+                       prefix: str, progress: bool = False
+                       ) -> tuple[dict[str, float], list[Prediction]]:
+    preds = gen.answer(examples, batch_size, bf16=bf16, progress=progress)
+    m = score_answers([p.answer for p in preds], references)
+    return {f"{prefix}/{k}": v for k, v in m.items()}, preds
+
+
+def train_generator(
+    gen: Generator,
+    train_rows: Sequence[Mapping[str, Any]],
+    dev_rows: Sequence[Mapping[str, Any]],
+    retrieved: Mapping[str, Sequence[str]],
+    corpus: Mapping[str, Passage],
+    cfg: GeneratorConfig,
+    *,
+    top_k: int,
+    seed: int,
+    ckpt_dir: Path,
+    resume: bool,
+    signature: str,
+    save_best: Callable[[], None],
+    on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Fine-tune ``gen`` on ``train_rows``; dev F1 picks the best checkpoint (``save_best``)."""
+    bs = cfg.batch_size
+    n_batches = max(1, len(train_rows) // bs)  # drop the last partial batch: fixed shapes
+    per_epoch = n_batches // cfg.grad_accum_steps
+    total = cfg.max_steps or per_epoch * cfg.epochs
+    bf16 = runtime.use_bf16(cfg.precision)
+    epochs: dict[int, list[dict[str, Any]]] = {}
+
+    def epoch_data(e: int) -> list[dict[str, Any]]:
+        """Encoded, shuffled examples of epoch ``e`` (built once per epoch, from the seed)."""
+        if e not in epochs:
+            epochs.clear()
+            rng = random.Random(seed * 7919 + e)
+            order = list(range(len(train_rows)))
+            rng.shuffle(order)
+            rows = [train_rows[i] for i in order]
+            exs = make_examples(rows, retrieved, corpus, top_k, gold_share=cfg.gold_share,
+                                rng=rng)
+            epochs[e] = [gen.encode(x) for x in exs]
+        return epochs[e]
+
+    def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
+        e, b = divmod(micro, n_batches)
+        chunk = epoch_data(e)[b * bs:(b + 1) * bs]
+        with runtime.autocast(bf16):
+            return gen.loss(gen.collate(chunk)), len(chunk)
+
+    rng = random.Random(seed)
+    dev_sample = list(dev_rows)
+    if cfg.dev_questions and len(dev_sample) > cfg.dev_questions:
+        dev_sample = rng.sample(dev_sample, cfg.dev_questions)
+    dev_examples = make_examples(dev_sample, retrieved, corpus, top_k)
+    dev_refs = [r["answers"] for r in dev_sample]
+
+    def evaluate() -> dict[str, float]:
+        m, _ = evaluate_generator(gen, dev_examples, dev_refs, batch_size=cfg.eval_batch_size,
+                                  bf16=bf16, prefix="dev")
+        return m
+
+    loop = LoopConfig(total_steps=total, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                      grad_accum_steps=cfg.grad_accum_steps,
+                      checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                      patience=cfg.early_stopping_patience, seed=seed, progress=progress)
+    opt = build_optimizer(gen.model, cfg.lr, cfg.weight_decay,
+                          {p: cfg.new_params_lr for p in gen.new_param_prefixes()})
+    return train_loop(gen.model, loss_fn, loop, ckpt_dir=ckpt_dir, signature=signature,
+                      resume=resume, evaluate=evaluate if dev_examples else None,
+                      select_metric="dev/f1", save_best=save_best, on_step=on_step,
+                      optimizer=opt)

@@ -1,0 +1,237 @@
+"""Generator pieces on tiny models built from configs: inputs, loss masking, decoding, saving."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragtrain.config import GeneratorConfig
+from ragtrain.generator import (
+    Example,
+    Generator,
+    GeneratorError,
+    build_copy_source,
+    copy_target,
+    fair_shares,
+    render_prompt,
+)
+
+PASSAGES = [("Super_Bowl_50", "The Denver Broncos defeated the Carolina Panthers 24–10 to win "
+                              "Super Bowl 50 at Levi's Stadium."),
+            ("Other", "Something else entirely, with a few more words in it.")]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_bert_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_bert_dir)
+
+
+def copy_gen(tiny_bert_dir: Path, **kw: object) -> Generator:
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(model_name=str(tiny_bert_dir), max_source_tokens=96,
+                          max_answer_tokens=8, **kw)  # type: ignore[arg-type]
+    return Generator.from_pretrained(cfg)
+
+
+def test_fair_shares_water_filling() -> None:
+    assert fair_shares([10, 10], 10) == [5, 5]
+    assert fair_shares([2, 50, 50], 30) == [2, 14, 14]  # a short passage leaves its share
+    assert fair_shares([3, 4], 100) == [3, 4]
+    assert fair_shares([5, 5, 5], 4) == [1, 1, 2]
+    assert sum(fair_shares([7, 9, 100, 3], 40)) == 40
+    assert fair_shares([], 10) == []
+
+
+def test_copy_source_truncation_shares_the_budget(tok) -> None:  # type: ignore[no-untyped-def]
+    long_p = [("A", "alpha " * 200), ("B", "beta " * 200)]
+    src = build_copy_source(tok, "what is alpha?", long_p, max_source=64, max_question=48)
+    assert len(src.ids) == 64
+    kept = [sum(1 for p, _, _ in src.spans if p == i) for i in (0, 1)]
+    assert abs(kept[0] - kept[1]) <= 1 and sum(kept) == 64 - 2 - 4 - 2  # cls/sep, q, 2 seps
+    assert src.ids[0] == tok.cls_token_id and src.ids[-1] == tok.sep_token_id
+    assert [c for c in src.copyable].count(True) == sum(kept)
+    cut = build_copy_source(tok, "word " * 100, long_p, max_source=96, max_question=10)
+    assert cut.question_cut and cut.ids[1:11] == tok("word " * 10, add_special_tokens=False)[
+        "input_ids"]
+    with pytest.raises(GeneratorError, match="max_source_tokens"):
+        build_copy_source(tok, "q " * 40, long_p, max_source=20, max_question=40)
+
+
+def test_copy_target_is_the_passage_tokens(tok) -> None:  # type: ignore[no-untyped-def]
+    src = build_copy_source(tok, "who won?", PASSAGES, 96, 48)
+    t = copy_target(src, "Denver Broncos", tok)
+    assert tok.convert_ids_to_tokens(t) == ["denver", "broncos"]
+    pos = [i for i in range(len(src.ids) - 1) if src.ids[i: i + 2] == t]
+    assert pos and all(src.copyable[p] for p in pos)
+    # an answer that is not in the (kept) passages: tokenized alone
+    assert tok.convert_ids_to_tokens(copy_target(src, "Lions", tok)) == ["lions"]
+
+
+def test_prompt_template_and_truncation(tok) -> None:  # type: ignore[no-untyped-def]
+    prompt, cut = render_prompt("question: {question}\ncontext: {context}\nanswer:", "who won?",
+                                [("A_b", "one two three " * 50), ("C", "short text")], tok,
+                                max_source=64, max_question=48)
+    assert prompt.startswith("question: who won?\ncontext: A b: one two")
+    assert "C: short text" in prompt and prompt.endswith("\nanswer:") and not cut
+    assert len(tok(prompt)["input_ids"]) <= 64
+
+
+def test_copy_model_padding_and_kv_cache_match_training_forward(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)
+    g.model.eval()
+    exs = [Example("who won?", PASSAGES, "Denver Broncos"),
+           Example("who lost the game?", PASSAGES[:1], "Carolina Panthers")]
+    enc = [g.encode(e) for e in exs]
+    with torch.no_grad():
+        both = g.model.token_log_probs(g.collate(enc))
+        alone = g.model.token_log_probs(g.collate(enc[1:]))
+        n = alone.shape[1]
+        assert torch.allclose(both[1, :n], alone[0], atol=1e-5)  # padding changes nothing
+        b = g.collate(enc)
+        hs, h, cache = g.model.start(b["src"], b["src_mask"], g.tok.cls_token_id)
+        cached = []
+        for t in range(b["tgt_out"].shape[1]):
+            lp = g.model.next_from_states(hs, h, b["src"], b["copyable"])
+            cached.append(lp.gather(1, b["tgt_out"][:, t: t + 1]).squeeze(1))
+            h, cache = g.model.step(b["tgt_out"][:, t], cache, b["src_mask"], t + 1)
+    m = b["tgt_mask"].bool()
+    assert torch.allclose(torch.stack(cached, 1)[m], both[m], atol=1e-4)
+
+
+def test_copy_loss_is_the_mixture_likelihood_of_answer_tokens(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)
+    b = g.collate([g.encode(Example("who won?", PASSAGES, "Denver Broncos"))])
+    lp = g.model.token_log_probs(b)
+    assert lp.shape == (1, 3)  # denver, broncos, [SEP]
+    assert math.isclose(float(g.loss(b)), float(-lp.mean()), rel_tol=1e-6)
+    # p is a probability: the vocabulary part plus the copy part never exceeds 1
+    assert bool((lp <= 1e-6).all())
+
+
+def test_copy_model_learns_to_copy_and_constrained_decoding_snaps(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)
+    exs = [Example("who won?", PASSAGES, "Denver Broncos"),
+           Example("where was it?", PASSAGES, "Levi's Stadium")]
+    b = g.collate([g.encode(e) for e in exs])
+    opt = torch.optim.AdamW(g.model.parameters(), lr=3e-3)
+    g.model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        g.loss(b).backward()
+        opt.step()
+    preds = g.answer(exs, decoding="constrained")
+    # the passage's own text ("Levi's", capitalised), not WordPiece decoding ("levi ' s")
+    assert [p.answer for p in preds] == ["Denver Broncos", "Levi's Stadium"]
+    assert all(p.passage == 0 for p in preds)
+    greedy = g.answer(exs, decoding="greedy")
+    assert [p.answer for p in greedy] == ["Denver Broncos", "Levi's Stadium"]
+
+
+def test_constrained_decoding_only_emits_passage_spans(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)  # untrained: anything it says must still be a passage span
+    preds = g.answer([Example("who won?", PASSAGES), Example("what?", PASSAGES[1:])])
+    texts = [t for _, t in PASSAGES]
+    for p in preds:
+        assert p.answer and any(p.answer in t for t in texts)
+
+
+def causal_dir(tmp_path: Path, tiny_bert_dir: Path) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                               n_positions=256, eos_token_id=tok.eos_token_id,
+                               bos_token_id=tok.cls_token_id)).save_pretrained(tmp_path / "c")
+    tok.save_pretrained(tmp_path / "c")
+    return tmp_path / "c"
+
+
+def seq2seq_dir(tmp_path: Path, tiny_bert_dir: Path) -> Path:
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "s")
+    tok.save_pretrained(tmp_path / "s")
+    return tmp_path / "s"
+
+
+def test_causal_loss_is_masked_to_the_answer(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    g = Generator.from_pretrained(GeneratorConfig(kind="causal", model_name=str(
+        causal_dir(tmp_path, tiny_bert_dir)), max_source_tokens=64, max_answer_tokens=8))
+    exs = [Example("who won?", PASSAGES, "Denver Broncos"),
+           Example("where?", PASSAGES[:1], "Levi's Stadium")]
+    enc = [g.encode(e) for e in exs]
+    b = g.collate(enc)
+    for i, e in enumerate(enc):
+        labelled = b["labels"][i][b["labels"][i] != -100].tolist()
+        assert labelled == [*e["tgt"], g.tok.eos_token_id]  # the answer and eos, nothing else
+    # the loss equals the hand-computed cross-entropy over exactly those tokens
+    logits = g.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    y = b["labels"][:, 1:]
+    m = y != -100
+    manual = -lp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)[m].mean()
+    assert math.isclose(float(g.loss(b)), float(manual), rel_tol=1e-4)
+    preds = g.answer(exs, batch_size=2)
+    assert len(preds) == 2 and all(isinstance(p.answer, str) for p in preds)
+
+
+def test_seq2seq_loss_is_masked_to_the_answer(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    g = Generator.from_pretrained(GeneratorConfig(kind="seq2seq", model_name=str(
+        seq2seq_dir(tmp_path, tiny_bert_dir)), max_source_tokens=64, max_answer_tokens=8))
+    exs = [Example("who won?", PASSAGES, "Denver Broncos"),
+           Example("where?", PASSAGES[:1], "Levi's Stadium in Santa Clara")]
+    enc = [g.encode(e) for e in exs]
+    b = g.collate(enc)
+    assert b["labels"][0].tolist() == [*enc[0]["tgt"], g.tok.eos_token_id] + [-100] * (
+        len(enc[1]["tgt"]) - len(enc[0]["tgt"]))  # padding is ignored by the loss
+    out = g.model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"])
+    logits = out.logits.float()
+    m = b["labels"] != -100
+    manual = torch.nn.functional.cross_entropy(logits[m], b["labels"][m])
+    assert math.isclose(float(g.loss(b)), float(manual), rel_tol=1e-4)
+    g.save(tmp_path / "saved")
+    again = Generator.load(tmp_path / "saved")
+    assert [p.answer for p in again.answer(exs)] == [p.answer for p in g.answer(exs)]
+
+
+def test_save_load_round_trip_and_tokenizer_mismatch(tmp_path: Path,
+                                                      tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)
+    exs = [Example("who won?", PASSAGES)]
+    g.save(tmp_path / "gen")
+    assert (tmp_path / "gen/model.safetensors").exists()
+    assert not list((tmp_path / "gen").rglob("*.bin")) and not list((tmp_path / "gen").rglob(
+        "*.pkl"))
+    again = Generator.load(tmp_path / "gen")
+    assert again.answer(exs)[0] == g.answer(exs)[0]
+    # a tokenizer with another vocabulary does not fit this checkpoint
+    import json
+
+    f = tmp_path / "gen/tokenizer/tokenizer.json"
+    t = json.loads(f.read_text())
+    vocab = t["model"]["vocab"]
+    a, b = sorted(vocab)[2000:2002]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    f.write_text(json.dumps(t))
+    with pytest.raises(GeneratorError, match="does not match its tokenizer"):
+        Generator.load(tmp_path / "gen")
+
+
+def test_positions_beyond_the_model_are_refused(tiny_bert_dir: Path) -> None:
+    with pytest.raises(GeneratorError, match="exceeds the model's 128 positions"):
+        copy_gen(tiny_bert_dir, max_question_tokens=48).__class__.from_pretrained(
+            GeneratorConfig(model_name=str(tiny_bert_dir), max_source_tokens=120,
+                            max_answer_tokens=16))

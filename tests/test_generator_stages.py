@@ -1,0 +1,113 @@
+"""The generator stages, `ask` and `predict` end to end on a tiny project, via the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ragtrain import cli, stages
+from ragtrain.config import load_config
+
+
+def run(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_generator_stages_end_to_end(tiny_rag_project: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    p = tiny_rag_project
+    for split in ("train", "dev", "test"):
+        rows = [json.loads(x) for x in (p / f"artifacts/retrieved/{split}.jsonl").open()]
+        assert all(len(r["passage_ids"]) == 5 and len(r["scores"]) == 5 for r in rows)
+    assert (p / "artifacts/generator/model.safetensors").exists()
+    train = json.loads((p / "metrics/train_generator.json").read_text())
+    assert train["train/steps"] == 3
+    m = json.loads((p / "metrics/generator.json").read_text())
+    for name in ("", "gold_passage/", "untrained/", "baseline_window/"):
+        for k in ("em", "f1", "accuracy"):
+            assert 0 <= m[f"test/{name}{k}"] <= 100
+    assert 0 <= m["test/answer_recall_at_2"] <= 1 and m["test/n_questions"] >= 1
+    rows = [json.loads(x) for x in (p / "artifacts/eval/generator_test.jsonl").open()]
+    assert {"question", "references", "prediction", "em", "f1", "gold_passage_rank"} <= set(
+        rows[0])
+    manifest = json.loads((p / "artifacts/rag/rag.json").read_text())
+    assert manifest["encoder_fingerprint"] == manifest["index_encoder_fingerprint"]
+    assert manifest["eval_set_sha256"] and manifest["metrics"]["test/f1"] == m["test/f1"]
+
+    capsys.readouterr()
+    assert run("ask", "What", "river", "is", "Paris", "on?") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "[1] " in out and "[2] " in out and "[3]" not in out
+    assert run("ask", "--bundle", "artifacts/rag", "--json", "--top-k", "3",
+               "Which river runs through Rome?") == 0
+    a = json.loads(capsys.readouterr().out)
+    assert len(a["passages"]) == 3 and a["answer"] == a["answer"].strip()
+    assert all(set(x) == {"id", "title", "text", "score"} for x in a["passages"])
+    # every answer of the (constrained) copy generator is a span of a cited passage
+    assert a["answer"] and any(a["answer"] in x["text"] for x in a["passages"])
+
+    qs = p / "qs.jsonl"
+    qs.write_text('{"id": "a", "question": "What is the capital of Germany?"}\n\n'
+                  '{"question": "Which river runs through Rome?"}\n')
+    assert run("predict", str(qs), "-o", "answers.jsonl") == 0
+    got = [json.loads(x) for x in (p / "answers.jsonl").open()]
+    assert [g["id"] for g in got] == ["a", "3"] and all("answer" in g for g in got)
+
+
+def test_bad_questions_are_refused_without_output(tiny_rag_project: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert run("ask", "  ") == 2
+    assert "question is empty" in capsys.readouterr().err
+    qs = tiny_rag_project / "qs.jsonl"
+    qs.write_text('{"question": "ok?"}\n{"question": ""}\n')
+    assert run("predict", str(qs), "-o", "out.jsonl") == 2
+    assert 'qs.jsonl:2: needs a non-empty string "question"' in capsys.readouterr().err
+    qs.write_text('{"question": "ok?"}\nnot json\n')
+    assert run("predict", str(qs), "-o", "out.jsonl") == 2
+    assert "qs.jsonl:2: not JSON" in capsys.readouterr().err
+    assert not (tiny_rag_project / "out.jsonl").exists()
+    # an over-long question is cut to generator.max_question_tokens, and answered
+    assert run("ask", "--json", "river " * 400) == 0
+    assert "answer" in json.loads(capsys.readouterr().out)
+
+
+def test_missing_references_are_named(tiny_rag_project: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    f = tiny_rag_project / "data/prepared/test.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    rows[0]["answers"] = []
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tiny_rag_project / "metrics/generator.json").unlink()
+    capsys.readouterr()
+    assert run("evaluate") == 2
+    assert "test.jsonl:1: no reference answer" in capsys.readouterr().err
+    assert not (tiny_rag_project / "metrics/generator.json").exists()
+
+
+def test_resume_after_a_crash_reaches_the_same_weights(tiny_rag_project: Path) -> None:
+    cfg = load_config(Path("params.yaml"), {"generator.max_steps": 4})
+    paths = stages.Paths()
+    stages.run_train_generator(cfg, paths, resume=False, progress=False)
+    uninterrupted = load_file(str(paths.generator / "model.safetensors"))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step: int, logs: object) -> None:
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        stages.run_train_generator(cfg, paths, resume=False, progress=False, on_step=crash_at_3)
+    state = json.loads((paths.generator_checkpoints / "last/trainer_state.json").read_text())
+    assert state["state"]["step"] == 2  # the last checkpoint before the crash
+    m = stages.run_train_generator(cfg, paths, resume=True, progress=False)
+    assert m["train/steps"] == 4
+    resumed = load_file(str(paths.generator / "model.safetensors"))
+    assert uninterrupted.keys() == resumed.keys()
+    for k in uninterrupted:
+        assert (uninterrupted[k] == resumed[k]).all(), k
