@@ -110,6 +110,10 @@ def _load_rag(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> Any
 
     if args.bundle:
         return RAGModel.load(args.bundle)
+    if args.alias:
+        version, model = stages.load_registered_rag(cfg, paths, args.alias)
+        print(f"{cfg.registry.model_name}@{args.alias} = version {version}", file=sys.stderr)
+        return model
     return RAGModel.from_parts(cfg.retriever, encoder_dir=paths.retriever,
                                index_dir=paths.index, bm25_dir=paths.bm25,
                                generator_dir=paths.generator, corpus_path=paths.corpus,
@@ -304,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "\"question\" (and optional \"id\") per line, or one per line")
             sp.add_argument("-o", "--output", type=Path, required=True,
                             help="answers .jsonl (written atomically)")
-        sp.add_argument("--bundle", type=Path, help="a RAG model bundle (artifacts/rag)")
+        src = sp.add_mutually_exclusive_group()
+        src.add_argument("--bundle", type=Path, help="a RAG model bundle (artifacts/rag)")
+        src.add_argument("--champion", dest="alias", action="store_const", const="champion",
+                         help="the registry's champion (models:/<registry.model_name>@champion)")
+        src.add_argument("--alias", dest="alias", help="another registry alias, e.g. challenger")
         sp.add_argument("--top-k", type=int, default=None,
                         help="passages to read (default: retriever.top_k)")
 

@@ -101,7 +101,7 @@ class RetrieverConfig:
     checkpoint_every: int = _f(50, ge=1)
     early_stopping_patience: int = _f(0, ge=0)  # evaluations without improvement; 0 = off
     kind: Literal["dense", "bm25", "hybrid"] = "hybrid"  # what the RAG model retrieves with
-    top_k: int = _f(2, ge=1)  # passages handed to the generator (and cited by the RAG model)
+    top_k: int = _f(1, ge=1)  # passages handed to the generator (and cited by the RAG model)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
@@ -127,7 +127,7 @@ class GeneratorConfig:
     kind: Literal["copy", "seq2seq", "causal"] = "copy"
     model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
     gguf_file: str = ""  # causal: a GGUF file inside model_name's folder (transformers gguf_file=)
-    max_source_tokens: int = _f(320, ge=16)  # question + passages; passages share it fairly
+    max_source_tokens: int = _f(256, ge=16)  # question + passages; passages share it fairly
     max_question_tokens: int = _f(48, ge=4)  # longer questions are cut (counted in metrics)
     max_answer_tokens: int = _f(16, ge=1)
     # seq2seq / causal: the prompt; {question} and {context} (the passages, each "title: text",
@@ -142,7 +142,7 @@ class GeneratorConfig:
     weight_decay: float = _f(0.01, ge=0)
     warmup_ratio: float = _f(0.06, ge=0, lt=1)
     grad_clip: float = _f(1.0, ge=0)
-    epochs: int = _f(2, ge=1)
+    epochs: int = _f(3, ge=1)
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     eval_every: int = _f(200, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end

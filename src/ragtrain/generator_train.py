@@ -46,6 +46,25 @@ def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Seq
     return out
 
 
+def _length(encoded: Mapping[str, Any]) -> int:
+    return len(encoded["src"].ids) if "src" in encoded else len(encoded["ids"])
+
+
+def length_grouped(encoded: list[dict[str, Any]], batch_size: int, rng: random.Random,
+                   pool: int = 50) -> list[dict[str, Any]]:
+    """Reorder (already shuffled) examples so each batch holds similar lengths (less padding):
+    within pools of ``pool`` batches, sort by length and cut into batches; then shuffle the
+    batches. Deterministic given ``rng``."""
+    batches: list[list[dict[str, Any]]] = []
+    step = pool * batch_size
+    for start in range(0, len(encoded), step):
+        chunk = sorted(encoded[start:start + step], key=_length)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(full)
+    return [x for b in full + [b for b in batches if len(b) < batch_size] for x in b]
+
+
 def gold_examples(rows: Sequence[Mapping[str, Any]], corpus: Mapping[str, Passage]
                   ) -> list[Example]:
     """The gold passage alone (the contrast figure: generation without retrieval errors)."""
@@ -97,7 +116,7 @@ def train_generator(
             rows = [train_rows[i] for i in order]
             exs = make_examples(rows, retrieved, corpus, top_k, gold_share=cfg.gold_share,
                                 rng=rng)
-            epochs[e] = [gen.encode(x) for x in exs]
+            epochs[e] = length_grouped([gen.encode(x) for x in exs], bs, rng)
         return epochs[e]
 
     def loss_fn(micro: int) -> tuple[torch.Tensor, int]:

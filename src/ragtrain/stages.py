@@ -538,6 +538,15 @@ def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
     return out
 
 
+def load_registered_rag(cfg: Config, paths: Paths, alias: str = "champion") -> tuple[str, Any]:
+    """(version, RAGModel) of ``registry.model_name@alias`` from the MLflow registry, loaded
+    the way `mlflow models serve` loads it."""
+    tracking.check_store(cfg.tracking.uri, root=paths.root)
+    with tempfile.TemporaryDirectory() as tmp:  # every part is in memory once loaded
+        return tracking.load_rag_model(cfg.tracking, cfg.registry.model_name, alias, Path(tmp),
+                                       root=paths.root)
+
+
 # --------------------------------------------------------------------------- tracking
 
 PARENT_RUN_ENV = "RAGTRAIN_PARENT_RUN_ID"  # set by `ragtrain pipeline` for the stages under it
