@@ -41,7 +41,7 @@ demo: venv
 	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
 	ragtrain pipeline
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
-	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui"
+	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui; promote the new @challenger: ragtrain promote"
 
 # The whole test suite, slow integration tests included (what CI runs).
 test: venv
@@ -79,7 +79,7 @@ ui: venv
 	  u.urlopen('$(PREFECT_API)/health', timeout=2)" 2>/dev/null && break; sleep 1; done
 	PREFECT_API_URL=$(PREFECT_API) nohup $(BIN)/python flows/serve.py \
 	  > $(PREFECT_HOME)/serve.log 2>&1 & echo $$! > $(PREFECT_HOME)/serve.pid
-	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment rag-train-eval/train-eval);" \
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployments rag-train-eval/train-eval, promote/promote, evaluate-champion/evaluate-champion);" \
 	  "logs in $(PREFECT_HOME)/*.log; stop with make ui-stop"
 
 # The served flows first (they pause their deployments on the server), then the server.

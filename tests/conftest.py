@@ -91,6 +91,9 @@ evaluation:
   rank_cutoff: 3
 tracking:
   enabled: {tracked}
+  uri: {uri}
+registry:
+  floor: 0.0
 """
 
 
@@ -103,7 +106,8 @@ def tiny_rag_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.Mo
 
     tracked = request.node.get_closest_marker("tracked") is not None
     (tmp_path / "params.yaml").write_text(TINY_RAG_PARAMS.format(
-        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked=str(tracked).lower()))
+        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked=str(tracked).lower(),
+        uri="sqlite:///mlruns/mlflow.db"))
     monkeypatch.chdir(tmp_path)
     for stage in ("fetch", "prepare", "build-bm25", "train-retriever", "build-index",
                   "retrieve", "train-generator", "evaluate", "package"):

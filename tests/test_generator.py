@@ -235,3 +235,20 @@ def test_positions_beyond_the_model_are_refused(tiny_bert_dir: Path) -> None:
         copy_gen(tiny_bert_dir, max_question_tokens=48).__class__.from_pretrained(
             GeneratorConfig(model_name=str(tiny_bert_dir), max_source_tokens=120,
                             max_answer_tokens=16))
+
+
+def test_length_grouped_batches_cover_every_example_once() -> None:
+    import random
+
+    from ragtrain.generator_train import length_grouped
+
+    enc = [{"ids": [0] * n, "k": i} for i, n in enumerate(random.Random(1).choices(
+        range(5, 300), k=103))]
+    out = length_grouped(enc, 8, random.Random(0), pool=4)
+    assert sorted(e["k"] for e in out) == list(range(103))
+    full = [out[i:i + 8] for i in range(0, 96, 8)]
+    # within a batch the lengths are close: sorted pools of 32 examples cut into 4 batches
+    spread = sum(max(len(e["ids"]) for e in b) - min(len(e["ids"]) for e in b) for b in full)
+    assert spread < 0.5 * sum(max(len(e["ids"]) for e in enc[i:i + 8]) - min(
+        len(e["ids"]) for e in enc[i:i + 8]) for i in range(0, 96, 8))
+    assert out == length_grouped(enc, 8, random.Random(0), pool=4)  # deterministic

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ragtrain import cli
-from tests.conftest import BIN, FIXTURES
+from tests.conftest import BIN, FIXTURES, TINY_RAG_PARAMS
 from tests.test_ui import free_port, stop, wait
 
 pytestmark = pytest.mark.slow
@@ -28,33 +28,8 @@ QUESTION = "What is the capital of France?"
 
 
 def params(tiny_bert_dir: Path, uri: str) -> str:
-    return f"""
-data:
-  source: {FIXTURES / 'tiny_jsonl'}
-  sha256: ""
-retriever:
-  model_name: {tiny_bert_dir}
-  batch_size: 2
-  questions_per_passage: 2
-  max_steps: 1
-  precision: fp32
-  top_k: 2
-generator:
-  model_name: {tiny_bert_dir}
-  max_source_tokens: 96
-  batch_size: 2
-  max_steps: 1
-  precision: fp32
-  eval_batch_size: 4
-evaluation:
-  recall_ks: [1, 2, 5]
-  rank_cutoff: 3
-tracking:
-  enabled: false
-  uri: {uri}
-registry:
-  floor: 0.0
-"""
+    return TINY_RAG_PARAMS.format(source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir,
+                                  tracked="false", uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +115,11 @@ def test_a_fresh_process_loads_the_champion(champion: tuple[Path, str]) -> None:
     assert run.info.run_name == "register" and run.info.status == "FINISHED"
     arts = {a.path for a in mc.list_artifacts(mv.run_id, "rag/artifacts/rag/generator")}
     assert any(p.endswith(".safetensors") for p in arts), arts
+    # `ragtrain ask --champion` answers from the registry, the way serving loads the model
+    r = ragtrain(proj, "ask", "--champion", "--json", QUESTION)
+    assert r.returncode == 0, r.stderr
+    assert "ragtrain-rag@champion = version 1" in r.stderr
+    check_answers([json.loads(r.stdout)])
 
 
 def test_mlflow_models_serve_answers_over_http(champion: tuple[Path, str],
