@@ -114,9 +114,7 @@ def _load_rag(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> Any
         version, model = stages.load_registered_rag(cfg, paths, args.alias)
         print(f"{cfg.registry.model_name}@{args.alias} = version {version}", file=sys.stderr)
         return model
-    return RAGModel.from_parts(cfg.retriever, encoder_dir=paths.retriever,
-                               index_dir=paths.index, bm25_dir=paths.bm25,
-                               generator_dir=paths.generator, corpus_path=paths.corpus,
+    return RAGModel.from_parts(cfg.retriever, **paths.rag_parts(),
                                precision=cfg.generator.precision)
 
 

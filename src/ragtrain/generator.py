@@ -524,7 +524,6 @@ class Generator:
         from tqdm.auto import tqdm
 
         self.model.eval()
-        preds: list[Prediction] = []
         # sort by length so a batch pads little; restore the order afterwards
         encoded = [self.encode(ex, with_target=False) for ex in examples]
         length = [len(e["src"].ids) if "src" in e else len(e["ids"]) for e in encoded]
@@ -542,8 +541,7 @@ class Generator:
             out.update(zip(idx, got, strict=True))
             bar.update(len(idx))
         bar.close()
-        preds = [out[i] for i in range(len(encoded))]
-        return preds
+        return [out[i] for i in range(len(encoded))]
 
     def _answer_copy(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
         model = self.model

@@ -94,11 +94,10 @@ def train_generator(
     ckpt_dir: Path,
     resume: bool,
     signature: str,
-    save_best: Callable[[], None],
     on_step: Callable[[int, Mapping[str, float]], None] | None = None,
     progress: bool = True,
 ) -> TrainState:
-    """Fine-tune ``gen`` on ``train_rows``; dev F1 picks the best checkpoint (``save_best``)."""
+    """Fine-tune ``gen`` on ``train_rows``; it ends holding the best dev-F1 weights."""
     bs = cfg.batch_size
     n_batches = max(1, len(train_rows) // bs)  # drop the last partial batch: fixed shapes
     per_epoch = n_batches // cfg.grad_accum_steps
@@ -146,5 +145,5 @@ def train_generator(
                           {p: cfg.new_params_lr for p in gen.new_param_prefixes()})
     return train_loop(gen.model, loss_fn, loop, ckpt_dir=ckpt_dir, signature=signature,
                       resume=resume, evaluate=evaluate if dev_examples else None,
-                      select_metric="dev/f1", save_best=save_best, on_step=on_step,
+                      select_metric="dev/f1", on_step=on_step,
                       optimizer=opt)

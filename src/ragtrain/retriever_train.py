@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
 from ragtrain import losses, runtime, trainer
 from ragtrain.config import RetrieverConfig
@@ -258,24 +257,13 @@ def train_retriever(
         grad_accum_steps=cfg.grad_accum_steps, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, patience=cfg.early_stopping_patience, seed=seed,
         progress=progress)
-    best = ckpt_dir / "best.safetensors"
-
-    def save_best() -> None:
-        tmp = best.with_suffix(".tmp")
-        save_model(model, str(tmp))
-        tmp.replace(best)
-
     evaluate = None
     if dev:
         def evaluate() -> dict[str, float]:
             return evaluate_dense(model, corpus, dev, split="dev", bf16=bf16,
                                   batch_size=64)
 
-    state = trainer.train_loop(
+    return trainer.train_loop(
         model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=bf16), loop,
         ckpt_dir=ckpt_dir, signature=signature, resume=resumed, evaluate=evaluate,
-        select_metric="dev/recall_at_1", save_best=save_best, on_step=on_step)
-    if evaluate is not None and best.exists():
-        load_model(model, str(best))
-    model.eval()
-    return state
+        select_metric="dev/recall_at_1", on_step=on_step)

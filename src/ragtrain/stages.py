@@ -127,6 +127,11 @@ class Paths:
     def bundle(self) -> Path:
         return self._p("artifacts/rag")  # the self-contained RAG model (what MLflow registers)
 
+    def rag_parts(self) -> dict[str, Path]:
+        """The parts a RAG model is made of (``RAGModel.from_parts`` / ``export_bundle``)."""
+        return {"encoder_dir": self.retriever, "index_dir": self.index, "bm25_dir": self.bm25,
+                "generator_dir": self.generator, "corpus_path": self.corpus}
+
     @property
     def registered(self) -> Path:
         return self._p("artifacts/registered.json")  # what `register` put in the MLflow registry
@@ -349,8 +354,6 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the generator by MLE on the train questions with their retrieved passages
     (dev F1 picks the best checkpoint) -> artifacts/generator."""
-    from safetensors.torch import load_model, save_model
-
     from ragtrain.generator import Generator
     from ragtrain.generator_train import train_generator
     from ragtrain.rag import load_corpus
@@ -372,13 +375,6 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
                             sha256_file(paths.retrieved_split("train")),
                             *_code_hashes(GENERATOR_CODE)])
     prepare_ckpt_dir(paths.generator_checkpoints, signature, resume)
-    best = paths.generator_checkpoints / "best.safetensors"
-
-    def save_best() -> None:
-        tmp = best.with_suffix(".tmp")
-        save_model(gen.model, str(tmp))
-        tmp.replace(best)
-
     history: list[dict[str, float]] = []
 
     def step_cb(step: int, logs: Mapping[str, float]) -> None:
@@ -389,11 +385,9 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
     t0 = time.perf_counter()
     state = train_generator(gen, train, dev, retrieved, corpus, gc, top_k=cfg.retriever.top_k,
                             seed=cfg.seed, ckpt_dir=paths.generator_checkpoints, resume=resume,
-                            signature=signature, save_best=save_best, on_step=step_cb,
+                            signature=signature, on_step=step_cb,
                             progress=progress)
     seconds = time.perf_counter() - t0
-    if best.exists():
-        load_model(gen.model, str(best))
     gen.save(paths.generator)
     metrics: dict[str, Any] = {"train/steps": state.step, "train/seconds": round(seconds, 1),
                                "train/examples": state.step * gc.batch_size * gc.grad_accum_steps}
@@ -416,7 +410,7 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     import evaluate as hf_evaluate
 
     from ragtrain import runtime
-    from ragtrain.evaluation import METRIC_MODULE, sliding_window_answer
+    from ragtrain.evaluation import METRIC_MODULE, score_one, sliding_window_answer
     from ragtrain.generator import Generator
     from ragtrain.generator_train import gold_examples, make_examples
     from ragtrain.rag import load_corpus
@@ -441,10 +435,10 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
         return {f"{prefix}/em": m["exact_match"], f"{prefix}/f1": m["f1"],
                 f"{prefix}/accuracy": m["accuracy"]}
 
+    examples = make_examples(rows, retrieved, corpus, k)
     gen = Generator.load(paths.generator)
     t0 = time.perf_counter()
-    preds = gen.answer(make_examples(rows, retrieved, corpus, k), gc.eval_batch_size,
-                       bf16=bf16, progress=progress)
+    preds = gen.answer(examples, gc.eval_batch_size, bf16=bf16, progress=progress)
     per_s = len(rows) / (time.perf_counter() - t0)
     metrics = score(split, [p.answer for p in preds])
     recall = [answer_in_passage(r["answers"],
@@ -462,16 +456,13 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     del gen
     seed_everything(cfg.seed)  # the untrained generator's new heads: the same every run
     untrained = Generator.from_pretrained(gc)
-    u = untrained.answer(make_examples(rows, retrieved, corpus, k), gc.eval_batch_size,
-                         bf16=bf16, progress=progress)
+    u = untrained.answer(examples, gc.eval_batch_size, bf16=bf16, progress=progress)
     metrics.update(score(f"{split}/untrained", [p.answer for p in u]))
     rank = {}
     for r in rows:
         ids = retrieved[r["id"]]
         g = [ids.index(x) + 1 for x in r.get("gold_passage_ids") or [] if x in ids]
         rank[r["id"]] = min(g) if g else None
-    from ragtrain.evaluation import score_one
-
     with atomic_path(paths.generator_predictions) as tmp:
         write_jsonl(tmp, (
             {"id": r["id"], "question": r["question"], "references": r["answers"],
@@ -493,9 +484,7 @@ def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
              "eval_split": cfg.evaluation.split}
     if paths.generator_metrics.exists():
         extra["metrics"] = json.loads(paths.generator_metrics.read_text())
-    return export_bundle(cfg.retriever, encoder_dir=paths.retriever, index_dir=paths.index,
-                         bm25_dir=paths.bm25, generator_dir=paths.generator,
-                         corpus_path=paths.corpus, out=paths.bundle,
+    return export_bundle(cfg.retriever, **paths.rag_parts(), out=paths.bundle,
                          precision=cfg.generator.precision, extra=extra)
 
 

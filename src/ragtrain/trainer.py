@@ -26,6 +26,7 @@ from ragtrain.io import atomic_path
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
+BEST_FILE = "best.safetensors"  # in ckpt_dir: the weights of the best dev evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -157,7 +158,6 @@ def train_loop(
     resume: bool,
     evaluate: Callable[[], dict[str, float]] | None = None,
     select_metric: str | None = None,
-    save_best: Callable[[], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainState:
@@ -165,14 +165,16 @@ def train_loop(
 
     ``loss_fn(micro_index)`` returns (mean loss of that micro-batch, its example count); it must
     depend only on the index (the data order is fixed by the seed), which is what makes resuming
-    exact. ``evaluate`` returns dev metrics; the best by ``select_metric`` is kept via
-    ``save_best``. ``on_step(step, {"loss", "lr", ...})`` reports progress (e.g. to MLflow).
+    exact. ``evaluate`` returns dev metrics; the weights of the best by ``select_metric`` are
+    kept in ``ckpt_dir/best.safetensors`` (so a resumed run keeps them too) and the model ends
+    holding them. ``on_step(step, {"loss", "lr", ...})`` reports progress (e.g. to MLflow).
     """
     opt = optimizer or build_optimizer(model, loop.lr, loop.weight_decay)
     warmup = int(loop.warmup_ratio * loop.total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: linear_warmup_decay(s, loop.total_steps, warmup))
     last = ckpt_dir / "last"
+    best = ckpt_dir / BEST_FILE
     state = (load_checkpoint(last, model, opt, signature) if resume else None) or TrainState()
     if state.step:
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -181,7 +183,7 @@ def train_loop(
         for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
             g["lr"] = lr
     if state.stopped_early or state.step >= loop.total_steps:
-        return state
+        return _end(model, state, best if evaluate else None)
 
     def do_eval() -> None:
         assert evaluate is not None and select_metric is not None
@@ -192,8 +194,9 @@ def train_loop(
             on_step(state.step, metrics)
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step, state.evals_since_best = value, state.step, 0
-            if save_best:
-                save_best()
+            tmp = best.with_suffix(".tmp")
+            save_model(model, str(tmp))
+            tmp.replace(best)
         else:
             state.evals_since_best += 1
             if loop.patience and state.evals_since_best >= loop.patience:
@@ -231,5 +234,12 @@ def train_loop(
         if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
             save_checkpoint(last, model, opt, state, signature)
     bar.close()
+    return _end(model, state, best if evaluate else None)
+
+
+def _end(model: torch.nn.Module, state: TrainState, best: Path | None) -> TrainState:
+    """Load the best dev weights when there are some; eval mode."""
+    if best is not None and best.exists():
+        load_model(model, str(best))
     model.eval()
     return state
