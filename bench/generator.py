@@ -3,8 +3,8 @@
     python bench/generator.py --steps 30      # after `dvc repro` (uses data/prepared, artifacts/)
 
 1. training throughput (examples/s) of ragtrain's loop vs the Hugging Face ``Trainer`` on the
-   same model (the configured generator), the same encoded examples, batch size, optimizer
-   settings and precision;
+   same model (the configured generator), the same encoded examples in the same batches and
+   order, batch size, optimizer settings and precision, each after one untimed warm-up step;
 2. answers/s at inference: constrained decoding with the KV cache (what ragtrain runs) vs the
    same decoding recomputing the whole prefix at every step (no cache);
 3. with ``--quality``: EM / F1 of the trained generator on the held-out split with retrieved
@@ -102,9 +102,14 @@ def hf_trainer(cfg, encoded: list, steps: int) -> float:
             learning_rate=gc.lr, weight_decay=gc.weight_decay, warmup_steps=int(
                 gc.warmup_ratio * steps), max_grad_norm=gc.grad_clip, bf16=bf16, use_cpu=True,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, remove_unused_columns=False, seed=0)
-        trainer = Trainer(model=Wrapped(), args=args, train_dataset=Data(),
+            dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+            train_sampling_strategy="sequential")  # the same batches, in the same order as ours
+        model = Wrapped()
+        trainer = Trainer(model=model, args=args, train_dataset=Data(),
                           data_collator=lambda b: gen.collate(b))
+        with runtime.autocast(bf16):  # warm-up (allocator, oneDNN kernels), not timed, as ours
+            model(**gen.collate(encoded[:gc.batch_size]))["loss"].backward()
+        gen.model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         trainer.train()
         return steps * gc.batch_size / (time.perf_counter() - t0)
