@@ -95,7 +95,7 @@ class RetrieverConfig:
     warmup_ratio: float = _f(0.1, ge=0, lt=1)
     grad_clip: float = _f(1.0, ge=0)  # 0 = off
     epochs: int = _f(1, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: as the hardware has
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     eval_every: int = _f(0, ge=0)  # optimizer steps between dev evaluations; 0 = end of epoch
     checkpoint_every: int = _f(50, ge=1)
@@ -144,7 +144,7 @@ class GeneratorConfig:
     grad_clip: float = _f(1.0, ge=0)
     epochs: int = _f(3, ge=1)
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = _f(200, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
     dev_questions: int = _f(300, ge=0)  # dev questions scored per evaluation; 0 = all
     checkpoint_every: int = _f(50, ge=1)

@@ -102,7 +102,8 @@ def train_generator(
     n_batches = max(1, len(train_rows) // bs)  # drop the last partial batch: fixed shapes
     per_epoch = n_batches // cfg.grad_accum_steps
     total = cfg.max_steps or per_epoch * cfg.epochs
-    bf16 = runtime.use_bf16(cfg.precision)
+    amp = runtime.amp_dtype(cfg.precision)  # training autocast: bf16, fp16 (loss scaled) or none
+    bf16 = amp == torch.bfloat16  # dev answering
     epochs: dict[int, list[dict[str, Any]]] = {}
 
     def epoch_data(e: int) -> list[dict[str, Any]]:
@@ -121,7 +122,7 @@ def train_generator(
     def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
         e, b = divmod(micro, n_batches)
         chunk = epoch_data(e)[b * bs:(b + 1) * bs]
-        with runtime.autocast(bf16):
+        with runtime.autocast(amp):
             return gen.loss(gen.collate(chunk)), len(chunk)
 
     rng = random.Random(seed)
@@ -140,7 +141,8 @@ def train_generator(
                       warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                       grad_accum_steps=cfg.grad_accum_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
-                      patience=cfg.early_stopping_patience, seed=seed, progress=progress)
+                      patience=cfg.early_stopping_patience, seed=seed, progress=progress,
+                      fp16=amp == torch.float16)
     opt = build_optimizer(gen.model, cfg.lr, cfg.weight_decay,
                           {p: cfg.new_params_lr for p in gen.new_param_prefixes()})
     return train_loop(gen.model, loss_fn, loop, ckpt_dir=ckpt_dir, signature=signature,

@@ -198,7 +198,7 @@ class Batches:
 
 def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]],
                  negatives: Sequence[Sequence[str]], cfg: RetrieverConfig, *, seed: int,
-                 bf16: bool) -> Callable[[int], tuple[torch.Tensor, int]]:
+                 bf16: bool | torch.dtype | None) -> Callable[[int], tuple[torch.Tensor, int]]:
     """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
     text = corpus.by_id
     gold = [set(r["gold_passage_ids"]) for r in rows]
@@ -247,7 +247,8 @@ def train_retriever(
     dev = labelled(dev_rows)
     if not rows:
         raise DataError("no training question has a gold passage")
-    bf16 = runtime.use_bf16(cfg.precision)
+    amp = runtime.amp_dtype(cfg.precision)  # training autocast: bf16, fp16 (loss scaled) or none
+    bf16 = amp == torch.bfloat16  # mining and dev encoding
     negatives = mine(model, corpus, rows, cfg, bm25=bm25, bf16=bf16)
     signature = run_signature(cfg, seed, model.fingerprint(), *signature_parts)
     resumed = trainer.prepare_ckpt_dir(ckpt_dir, signature, resume)
@@ -256,7 +257,7 @@ def train_retriever(
         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
         grad_accum_steps=cfg.grad_accum_steps, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, patience=cfg.early_stopping_patience, seed=seed,
-        progress=progress)
+        progress=progress, fp16=amp == torch.float16)
     evaluate = None
     if dev:
         def evaluate() -> dict[str, float]:
@@ -264,6 +265,6 @@ def train_retriever(
                                   batch_size=64)
 
     return trainer.train_loop(
-        model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=bf16), loop,
+        model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=amp), loop,
         ckpt_dir=ckpt_dir, signature=signature, resume=resumed, evaluate=evaluate,
         select_metric="dev/recall_at_1", on_step=on_step)

@@ -1,4 +1,5 @@
-"""Where and in what precision torch runs: CUDA when present, bf16 where the hardware has it."""
+"""Where and in what precision torch runs: CUDA when present; bf16 autocast where the hardware has
+it, fp16 autocast (with loss scaling in the training loop) on GPUs without bf16."""
 
 from __future__ import annotations
 
@@ -24,19 +25,31 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_bf16(precision: str, dev: torch.device | None = None) -> bool:
-    """precision 'auto' -> bf16 on a bf16-capable GPU or CPU; 'bf16' / 'fp32' force it."""
-    if precision != "auto":
-        return precision == "bf16"
+def amp_dtype(precision: str, dev: torch.device | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``precision``: 'auto' -> bf16 on a bf16-capable GPU or CPU, fp16 on
+    an older GPU, none (fp32) on a CPU without bf16; 'bf16' / 'fp16' / 'fp32' force it."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     dev = dev or device()
     if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def use_bf16(precision: str, dev: torch.device | None = None) -> bool:
+    """Whether ``precision`` means bf16 autocast here (inference paths: fp16 runs them in fp32)."""
+    return amp_dtype(precision, dev) == torch.bfloat16
 
 
 @contextlib.contextmanager
-def autocast(enabled: bool, dev: torch.device | None = None) -> Iterator[None]:
-    """bf16 autocast on ``dev`` when enabled; a no-op otherwise."""
+def autocast(enabled: bool | torch.dtype | None, dev: torch.device | None = None
+             ) -> Iterator[None]:
+    """Autocast on ``dev``: True -> bf16, a dtype -> that dtype; False / None -> a no-op."""
     dev = dev or device()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=enabled):
+    dtype = torch.bfloat16 if enabled is True else enabled
+    with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
         yield

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class LoopConfig:
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     seed: int = 0
     progress: bool = True
+    fp16: bool = False  # fp16 autocast in loss_fn: scale the loss (torch.amp.GradScaler)
 
 
 @dataclass
@@ -113,19 +115,22 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    state: TrainState, signature: str) -> None:
-    """Atomically write weights, optimizer and loop state to the folder ``path``."""
+                    state: TrainState, signature: str,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Atomically write weights, optimizer, loss-scaler and loop state to the folder ``path``."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
         tensors, scalars = _optim_tensors(opt)
         save_file(tensors, str(tmp / OPTIM_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(
-            {"signature": signature, "state": asdict(state), "optimizer": scalars}, indent=1))
+            {"signature": signature, "state": asdict(state), "optimizer": scalars,
+             "scaler": scaler.state_dict() if scaler is not None else {}}, indent=1))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    signature: str) -> TrainState | None:
+                    signature: str, scaler: torch.amp.GradScaler | None = None
+                    ) -> TrainState | None:
     """Restore a checkpoint written for the same ``signature``; None if absent or different."""
     f = path / STATE_FILE
     if not f.exists():
@@ -135,6 +140,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         return None
     load_model(model, str(path / MODEL_FILE))
     _load_optim(opt, load_file(str(path / OPTIM_FILE)), meta["optimizer"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     return TrainState(**meta["state"])
 
 
@@ -175,7 +182,10 @@ def train_loop(
         opt, lambda s: linear_warmup_decay(s, loop.total_steps, warmup))
     last = ckpt_dir / "last"
     best = ckpt_dir / BEST_FILE
-    state = (load_checkpoint(last, model, opt, signature) if resume else None) or TrainState()
+    dev_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(dev_type, enabled=loop.fp16)  # disabled: every call a no-op
+    state = (load_checkpoint(last, model, opt, signature, scaler) if resume else None
+             ) or TrainState()
     if state.step:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: linear_warmup_decay(s, loop.total_steps, warmup),
@@ -212,13 +222,17 @@ def train_loop(
             micro = state.step * loop.grad_accum_steps + a
             torch.manual_seed(loop.seed * 1_000_003 + micro)  # dropout masks fixed per batch
             loss, n = loss_fn(micro)
-            (loss / loop.grad_accum_steps).backward()
+            scaler.scale(loss / loop.grad_accum_steps).backward()
             total += float(loss.detach()) * n
             count += n
+        scaler.unscale_(opt)  # clip the true gradients
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
                      if loop.grad_clip > 0 else torch.tensor(float("nan")))
-        opt.step()
-        sched.step()
+        scaler.step(opt)  # skipped (scale lowered) when fp16 gradients overflowed
+        scaler.update()
+        with warnings.catch_warnings():  # the schedule follows steps, skipped or not (resumable)
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            sched.step()
         state.step += 1
         logs = {"train/loss": total / max(1, count), "train/lr": sched.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm)}
@@ -232,7 +246,7 @@ def train_loop(
             do_eval()
             model.train()
         if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
-            save_checkpoint(last, model, opt, state, signature)
+            save_checkpoint(last, model, opt, state, signature, scaler)
     bar.close()
     return _end(model, state, best if evaluate else None)
 

@@ -1,0 +1,64 @@
+"""The shared training loop: precision choice, fp16 loss scaling, resume with the scaler state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragtrain import runtime
+from ragtrain.trainer import STATE_FILE, LoopConfig, train_loop
+
+
+def test_amp_dtype_by_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert runtime.amp_dtype("fp32", cpu) is None
+    assert runtime.amp_dtype("bf16", cpu) == torch.bfloat16
+    assert runtime.amp_dtype("fp16", cpu) == torch.float16
+    runtime.cpu_has_bf16.cache_clear()
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert runtime.amp_dtype("auto", cpu) is None
+    assert not runtime.use_bf16("fp16", cpu)  # inference paths run fp16 configs in fp32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.amp_dtype("auto", cpu) == torch.bfloat16
+
+
+def _problem() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    return x, x @ torch.randn(8, 1, generator=g)
+
+
+def _run(ckpt: Path, steps: int, crash_after: int | None = None) -> tuple[torch.nn.Module, list]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    x, y = _problem()
+    losses: list[float] = []
+
+    def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
+        if crash_after is not None and micro >= crash_after:
+            raise KeyboardInterrupt  # stands in for a kill mid-run
+        i = (micro * 16) % 64
+        with runtime.autocast(torch.float16, torch.device("cpu")):
+            out = model(x[i:i + 16])
+        return torch.nn.functional.mse_loss(out.float(), y[i:i + 16]), 16
+
+    loop = LoopConfig(total_steps=steps, lr=0.05, warmup_ratio=0.0, checkpoint_every=2,
+                      progress=False, fp16=True)
+    train_loop(model, loss_fn, loop, ckpt_dir=ckpt, signature="t", resume=True,
+               on_step=lambda s, d: losses.append(d["train/loss"]))
+    return model, losses
+
+
+def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path: Path) -> None:
+    full, losses = _run(tmp_path / "a", 12)
+    assert losses[-1] < 0.5 * losses[0]
+    meta = json.loads((tmp_path / "a" / "last" / STATE_FILE).read_text())
+    assert meta["scaler"]["scale"] > 1  # the loss scaler's state travels with the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", 12, crash_after=7)  # checkpoint at step 6, crash in step 8
+    resumed, _ = _run(tmp_path / "b", 12)
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
