@@ -111,3 +111,28 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_rag_project: Path) -
     assert uninterrupted.keys() == resumed.keys()
     for k in uninterrupted:
         assert (uninterrupted[k] == resumed[k]).all(), k
+
+
+@pytest.mark.tracked
+def test_generator_stage_runs_are_tracked_in_mlflow(tiny_rag_project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    mc = MlflowClient(f"sqlite:///{tiny_rag_project}/mlruns/mlflow.db")
+    exp = mc.get_experiment_by_name("ragtrain")
+    runs = {r.info.run_name: r for r in mc.search_runs([exp.experiment_id])}
+    assert {"retrieve", "train-generator", "evaluate", "package"} <= set(runs)
+    assert "train/answer_recall_at_2" in runs["retrieve"].data.metrics
+    train = runs["train-generator"]
+    assert [m.step for m in mc.get_metric_history(train.info.run_id, "train/loss")] == [1, 2, 3]
+    assert train.data.metrics["train/steps"] == 3
+    assert {a.path for a in mc.list_artifacts(train.info.run_id, "plots")} == {
+        "plots/train_generator_loss.png"}
+    ev = runs["evaluate"]
+    m = json.loads((tiny_rag_project / "metrics/generator.json").read_text())
+    assert ev.data.metrics["test/f1"] == pytest.approx(m["test/f1"])
+    assert ev.data.metrics["test/gold_passage/em"] == pytest.approx(m["test/gold_passage/em"])
+    # the per-question table, for error analysis in the MLflow UI
+    assert [a.path for a in mc.list_artifacts(ev.info.run_id, "predictions")] == [
+        "predictions/generator_test.jsonl"]
+    assert ev.inputs.dataset_inputs
+    assert "rag_manifest.json" in {a.path for a in mc.list_artifacts(runs["package"].info.run_id)}

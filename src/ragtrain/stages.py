@@ -606,6 +606,29 @@ def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
             run.log_artifact(png, "plots")
         run.log_input_dataset(f"{split}.jsonl", paths.queries(split),
                               sha256_file(paths.queries(split)), "evaluation")
+    elif name == "retrieve":
+        run.log_metrics(_numeric(result))
+    elif name == "train-generator":
+        run.log_metrics(_numeric(result))
+        run.log_artifact(paths.generator_train_metrics)
+        points = json.loads(paths.generator_train_plot.read_text())
+        if points:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / "train_generator_loss.png"
+                tracking.plot_curve(points, "step", ["loss", "lr"], png,
+                                    "generator training loss")
+                run.log_artifact(png, "plots")
+        run.log_dict(json.loads((paths.generator / "generator.json").read_text()),
+                     "generator.json")
+    elif name == "evaluate":
+        split = cfg.evaluation.split
+        run.log_metrics(_numeric(result))
+        run.log_artifact(paths.generator_metrics)
+        run.log_artifact(paths.generator_predictions, "predictions")  # per-question table
+        run.log_input_dataset(f"{split}.jsonl", paths.queries(split),
+                              sha256_file(paths.queries(split)), "evaluation")
+    elif name == "package":
+        run.log_dict(result, "rag_manifest.json")
 
 
 STAGES: dict[str, Callable[..., Any]] = {
