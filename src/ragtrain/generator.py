@@ -80,10 +80,11 @@ def clean_title(title: str) -> str:
 def build_copy_source(tok: Any, question: str, passages: Sequence[Passage], max_source: int,
                       max_question: int) -> CopySource:
     """``[CLS] question [SEP] p1 [SEP] p2 [SEP] ...`` within ``max_source`` tokens."""
-    q = tok(question, add_special_tokens=False)["input_ids"]
+    # whole texts first, cut below (verbose=False: no "longer than the maximum" warning)
+    q = tok(question, add_special_tokens=False, verbose=False)["input_ids"]
     question_cut = len(q) > max_question
     q = q[:max_question]
-    enc = [tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = [tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
            for _, text in passages]
     budget = max_source - len(q) - 2 - len(passages)
     if budget < len(passages):
