@@ -145,9 +145,9 @@ class GeneratorConfig:
     epochs: int = _f(3, ge=1)
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    eval_every: int = _f(200, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
+    eval_every: int = _f(400, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
     dev_questions: int = _f(300, ge=0)  # dev questions scored per evaluation; 0 = all
-    checkpoint_every: int = _f(50, ge=1)
+    checkpoint_every: int = _f(100, ge=1)
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(32, ge=1)
 
