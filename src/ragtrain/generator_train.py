@@ -47,7 +47,9 @@ def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Seq
 
 
 def _length(encoded: Mapping[str, Any]) -> int:
-    return len(encoded["src"].ids) if "src" in encoded else len(encoded["ids"])
+    if "src" in encoded:
+        return len(encoded["src"].ids)
+    return len(encoded["ids"] if "ids" in encoded else encoded["input_ids"])
 
 
 def length_grouped(encoded: list[dict[str, Any]], batch_size: int, rng: random.Random,
