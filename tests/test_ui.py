@@ -93,8 +93,14 @@ def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url, proj, _ = served
-    deps = wait(lambda: api(url, "/deployments/filter", {}), 90, "the served deployments")
-    assert {d["name"] for d in deps} == {"train-eval", "promote", "evaluate-champion"}
+    names = {"train-eval", "promote", "evaluate-champion"}
+
+    def all_served() -> list:  # `serve` registers them one by one: wait for the three
+        got = api(url, "/deployments/filter", {})
+        return got if {d["name"] for d in got} >= names else []
+
+    deps = wait(all_served, 90, "the three served deployments")
+    assert {d["name"] for d in deps} == names
     dep = next(d for d in deps if d["name"] == "train-eval")
     assert set(dep["parameters"]) == {"params_path", "overrides", "push", "promote"}
     with temporary_settings({PREFECT_API_URL: url}):
