@@ -561,6 +561,20 @@ def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _log_training(run: tracking.RunHandle, result: Any, metrics: Path, plot: Path, spec: Path,
+                  what: str, curves: list[str]) -> None:
+    """A training stage's run: final metrics, the metrics file, the loss curve, the model spec."""
+    run.log_metrics(_numeric(result))
+    run.log_artifact(metrics)
+    points = json.loads(plot.read_text())
+    if points:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / f"train_{what}_loss.png"
+            tracking.plot_curve(points, "step", curves, png, f"{what} training loss")
+            run.log_artifact(png, "plots")
+    run.log_dict(json.loads(spec.read_text()), spec.name)
+
+
 def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
                  result: Any) -> None:
     """What each stage leaves in its MLflow run: metrics, plots, tables, datasets."""
@@ -579,16 +593,8 @@ def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
                                   sha256_file(paths.queries(split)), split)
         run.log_input_dataset("corpus.jsonl", paths.corpus, sha256_file(paths.corpus), "corpus")
     elif name == "train-retriever":
-        run.log_metrics(_numeric(result))
-        run.log_artifact(paths.retriever_train_metrics)
-        points = json.loads(paths.retriever_train_plot.read_text())
-        if points:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = Path(tmp) / "train_retriever_loss.png"
-                tracking.plot_curve(points, "step", ["loss"], png, "retriever training loss")
-                run.log_artifact(png, "plots")
-        run.log_dict(json.loads((paths.retriever / "retriever.json").read_text()),
-                     "retriever.json")
+        _log_training(run, result, paths.retriever_train_metrics, paths.retriever_train_plot,
+                      paths.retriever / "retriever.json", "retriever", ["loss"])
     elif name == "build-index":
         meta = json.loads((paths.index / "meta.json").read_text())
         run.log_dict(meta, "index_meta.json")
@@ -609,17 +615,8 @@ def _log_outputs(run: tracking.RunHandle, name: str, cfg: Config, paths: Paths,
     elif name == "retrieve":
         run.log_metrics(_numeric(result))
     elif name == "train-generator":
-        run.log_metrics(_numeric(result))
-        run.log_artifact(paths.generator_train_metrics)
-        points = json.loads(paths.generator_train_plot.read_text())
-        if points:
-            with tempfile.TemporaryDirectory() as tmp:
-                png = Path(tmp) / "train_generator_loss.png"
-                tracking.plot_curve(points, "step", ["loss", "lr"], png,
-                                    "generator training loss")
-                run.log_artifact(png, "plots")
-        run.log_dict(json.loads((paths.generator / "generator.json").read_text()),
-                     "generator.json")
+        _log_training(run, result, paths.generator_train_metrics, paths.generator_train_plot,
+                      paths.generator / "generator.json", "generator", ["loss", "lr"])
     elif name == "evaluate":
         split = cfg.evaluation.split
         run.log_metrics(_numeric(result))
