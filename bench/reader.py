@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = json.loads(paths.generator_metrics.read_text()) if paths.generator_metrics.exists() \
         else {}
-    tg = Path("metrics/train_generator.json")
+    tg = paths.generator_train_metrics
     gen_train = json.loads(tg.read_text()) if tg.exists() else {}
     print(f"\n{split} split, {len(qs)} questions, top-{k} retrieved passages unless noted\n")
     print("| model | EM | F1 | accuracy | EM / F1, gold passage | training |")

@@ -47,20 +47,19 @@ def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Seq
 
 
 def _length(encoded: Mapping[str, Any]) -> int:
-    if "src" in encoded:
-        return len(encoded["src"].ids)
-    return len(encoded["ids"] if "ids" in encoded else encoded["input_ids"])
+    return len(encoded["src"].ids) if "src" in encoded else len(encoded["ids"])
 
 
 def length_grouped(encoded: list[dict[str, Any]], batch_size: int, rng: random.Random,
-                   pool: int = 50) -> list[dict[str, Any]]:
+                   pool: int = 50, length: Callable[[Mapping[str, Any]], int] = _length
+                   ) -> list[dict[str, Any]]:
     """Reorder (already shuffled) examples so each batch holds similar lengths (less padding):
     within pools of ``pool`` batches, sort by length and cut into batches; then shuffle the
     batches. Deterministic given ``rng``."""
     batches: list[list[dict[str, Any]]] = []
     step = pool * batch_size
     for start in range(0, len(encoded), step):
-        chunk = sorted(encoded[start:start + step], key=_length)
+        chunk = sorted(encoded[start:start + step], key=length)
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     full = [b for b in batches if len(b) == batch_size]
     rng.shuffle(full)

@@ -26,11 +26,10 @@ from torch import nn
 
 from ragtrain import runtime
 from ragtrain.evaluation import score_answers
+from ragtrain.generator import Passage
 from ragtrain.generator_train import length_grouped
 from ragtrain.models import _hub_error, resolve_model_path
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
-
-Passage = tuple[str, str]  # (title, text)
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,16 @@ class Reader:
                         stride=self.cfg.stride, return_overflowing_tokens=True,
                         return_offsets_mapping=True, padding=False)
 
+    def features(self, question: str, text: str
+                 ) -> list[tuple[dict[str, Any], list[tuple[int, int]], list[bool]]]:
+        """Per window: the model inputs, the token offsets and which tokens are passage text."""
+        enc = self.windows(question, text)
+        types = enc["token_type_ids"] if "token_type_ids" in enc else None
+        return [({"input_ids": enc["input_ids"][w],
+                  "token_type_ids": types[w] if types is not None else None},
+                 enc["offset_mapping"][w], [s == 1 for s in enc.sequence_ids(w)])
+                for w in range(len(enc["input_ids"]))]
+
     def train_features(self, question: str, text: str, answers: Sequence[str]
                        ) -> list[dict[str, Any]]:
         """One feature per window; start/end = the answer's tokens, or 0 ([CLS]) when the answer
@@ -122,19 +131,14 @@ class Reader:
         if span is None:
             return []
         c0, c1 = span
-        enc = self.windows(question, text)
         out = []
-        for w in range(len(enc["input_ids"])):
-            seq = enc.sequence_ids(w)
-            offs = enc["offset_mapping"][w]
-            ctx = [k for k, s in enumerate(seq) if s == 1]
+        for inputs, offs, is_ctx in self.features(question, text):
+            ctx = [k for k, c in enumerate(is_ctx) if c]
             s_tok = e_tok = 0
             if ctx and offs[ctx[0]][0] <= c0 and offs[ctx[-1]][1] >= c1:
                 s_tok = next(k for k in ctx if offs[k][1] > c0)
                 e_tok = next(k for k in reversed(ctx) if offs[k][0] < c1)
-            tt = enc["token_type_ids"][w] if "token_type_ids" in enc else None
-            out.append({"input_ids": enc["input_ids"][w], "token_type_ids": tt,
-                        "start": s_tok, "end": e_tok})
+            out.append({**inputs, "start": s_tok, "end": e_tok})
         return out
 
     def collate(self, feats: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -171,13 +175,7 @@ class Reader:
         feats: list[tuple[int, str, dict[str, Any], list[tuple[int, int]], list[bool]]] = []
         for qi, (q, texts) in enumerate(zip(questions, passages, strict=True)):
             for text in texts:
-                enc = self.windows(q, text)
-                for w in range(len(enc["input_ids"])):
-                    tt = enc["token_type_ids"][w] if "token_type_ids" in enc else None
-                    feats.append((qi, text, {"input_ids": enc["input_ids"][w],
-                                             "token_type_ids": tt},
-                                  enc["offset_mapping"][w],
-                                  [s == 1 for s in enc.sequence_ids(w)]))
+                feats += [(qi, text, *f) for f in self.features(q, text)]
         best: list[tuple[float, str]] = [(float("-inf"), "")] * len(questions)
         order = sorted(range(len(feats)), key=lambda i: len(feats[i][2]["input_ids"]))
         for b in range(0, len(order), batch_size):
@@ -218,7 +216,8 @@ def train_reader(reader: Reader, rows: Sequence[Mapping[str, Any]],
             rng = random.Random(seed * 7919 + e)
             order = list(range(len(feats)))
             rng.shuffle(order)
-            epochs[e] = length_grouped([feats[k] for k in order], bs, rng)
+            epochs[e] = length_grouped([feats[k] for k in order], bs, rng,
+                                       length=lambda f: len(f["input_ids"]))
         chunk = epochs[e][b * bs:(b + 1) * bs]
         with runtime.autocast(amp):
             return reader.loss(reader.collate(chunk)), len(chunk)
