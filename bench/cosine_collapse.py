@@ -20,10 +20,10 @@ import numpy as np
 from ragtrain import runtime
 from ragtrain.config import load_config
 from ragtrain.io import read_jsonl
-from ragtrain.retrieval_metrics import evaluate_retrieval
-from ragtrain.retriever import BiEncoder, EncoderSpec
-from ragtrain.retriever_train import Corpus, exact_search, labelled, train_retriever
-from ragtrain.stages import Paths
+from ragtrain.pipeline.stages import Paths
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.training import Corpus, exact_search, labelled, train_retriever
 
 
 def score(model: BiEncoder, corpus: Corpus, rows: list[dict], bf16: bool) -> tuple[dict, float]:

@@ -31,12 +31,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ragtrain import runtime, stages  # noqa: E402
+from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
-from ragtrain.generator import CopyGenerator, Generator  # noqa: E402
-from ragtrain.generator_train import make_examples  # noqa: E402
+from ragtrain.generation.generator import CopyGenerator, Generator  # noqa: E402
+from ragtrain.generation.rag import load_corpus  # noqa: E402
+from ragtrain.generation.training import make_examples  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.rag import load_corpus  # noqa: E402
+from ragtrain.pipeline import stages  # noqa: E402
 from ragtrain.trainer import LoopConfig, build_optimizer, seed_everything, train_loop  # noqa: E402
 
 

@@ -30,12 +30,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from ragtrain import runtime, stages  # noqa: E402
+from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
-from ragtrain.generator import Generator  # noqa: E402
-from ragtrain.generator_train import evaluate_generator, make_examples, train_generator  # noqa: E402
+from ragtrain.generation.generator import Generator  # noqa: E402
+from ragtrain.generation.rag import load_corpus  # noqa: E402
+from ragtrain.generation.training import evaluate_generator, make_examples, train_generator  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.rag import load_corpus  # noqa: E402
+from ragtrain.pipeline import stages  # noqa: E402
 from ragtrain.trainer import seed_everything  # noqa: E402
 
 

@@ -27,11 +27,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ragtrain import runtime, stages  # noqa: E402
+from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
+from ragtrain.generation.rag import load_corpus  # noqa: E402
+from ragtrain.generation.reader import Reader, ReaderConfig, evaluate_reader, train_reader  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.rag import load_corpus  # noqa: E402
-from ragtrain.reader import Reader, ReaderConfig, evaluate_reader, train_reader  # noqa: E402
+from ragtrain.pipeline import stages  # noqa: E402
 from ragtrain.trainer import seed_everything  # noqa: E402
 
 

@@ -31,14 +31,14 @@ import torch  # noqa: E402
 
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import IndexConfig, load_config  # noqa: E402
-from ragtrain.index import build_index, search  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 from ragtrain.models import resolve_model_path  # noqa: E402
-from ragtrain.retrieval import Retriever  # noqa: E402
-from ragtrain.retrieval_metrics import evaluate_retrieval  # noqa: E402
-from ragtrain.retriever import BiEncoder, EncoderSpec  # noqa: E402
-from ragtrain.retriever_train import Batches, Corpus, exact_search, labelled  # noqa: E402
-from ragtrain.stages import Paths  # noqa: E402
+from ragtrain.pipeline.stages import Paths  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec  # noqa: E402
+from ragtrain.retrieval.index import build_index, search  # noqa: E402
+from ragtrain.retrieval.metrics import evaluate_retrieval  # noqa: E402
+from ragtrain.retrieval.search import Retriever  # noqa: E402
+from ragtrain.retrieval.training import Batches, Corpus, exact_search, labelled  # noqa: E402
 
 
 def quality(cfg, paths: Paths, corpus: Corpus, rows: list[dict]) -> None:
@@ -81,7 +81,7 @@ def training_throughput(cfg, corpus: Corpus, rows: list[dict], steps: int) -> No
     )
 
     from ragtrain import trainer
-    from ragtrain.retriever_train import make_loss_fn
+    from ragtrain.retrieval.training import make_loss_fn
 
     rc = dataclasses.replace(cfg.retriever, hard_negatives="none", max_steps=steps)
     batches = Batches.build(rows, rc, cfg.seed)

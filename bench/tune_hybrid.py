@@ -8,13 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ragtrain import fusion
 from ragtrain.config import load_config
 from ragtrain.io import read_jsonl
-from ragtrain.retrieval import Retriever
-from ragtrain.retrieval_metrics import evaluate_retrieval
-from ragtrain.retriever_train import labelled
-from ragtrain.stages import Paths
+from ragtrain.pipeline.stages import Paths
+from ragtrain.retrieval import fusion
+from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.search import Retriever
+from ragtrain.retrieval.training import labelled
 
 
 def main() -> int:

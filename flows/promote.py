@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when r
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from ragtrain import registry  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.errors import RegistryError  # noqa: E402
+from ragtrain.tracking import registry  # noqa: E402
 
 
 def _value(v: float | None) -> str:

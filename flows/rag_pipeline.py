@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when r
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
-from ragtrain import stages  # noqa: E402
 from ragtrain.config import load_config, set_params  # noqa: E402
 from ragtrain.errors import RagtrainError  # noqa: E402
+from ragtrain.pipeline import stages  # noqa: E402
 
 
 @task(task_run_name="dvc repro {stage}")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragtrain.bm25 import BM25Retriever, sha256_corpus
 from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
+from ragtrain.retrieval.bm25 import BM25Retriever, sha256_corpus
 
 TEXTS = [
     "The Eiffel Tower is in Paris.",

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from ragtrain import cli, data
+from ragtrain import cli
 from ragtrain.config import DataConfig
+from ragtrain.data import prepare as data
 from ragtrain.errors import DataError
 from tests.conftest import FIXTURES
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ragtrain.evaluation import (
+from ragtrain.evaluation.answers import (
     METRIC_MODULE,
     contains,
     exact_match,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ragtrain import stages
 from ragtrain.errors import RagtrainError
+from ragtrain.pipeline import stages
 from tests.conftest import FIXTURES, REPO
 from tests.test_dvc_pipeline import copy_repo, sh
 

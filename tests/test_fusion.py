@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ragtrain.errors import RetrievalError
-from ragtrain.fusion import reciprocal_rank_fusion, weighted_score_fusion
+from ragtrain.retrieval.fusion import reciprocal_rank_fusion, weighted_score_fusion
 
 
 def test_rrf_by_hand() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ragtrain.config import GeneratorConfig
-from ragtrain.generator import (
+from ragtrain.generation.generator import (
     Example,
     Generator,
     GeneratorError,
@@ -240,7 +240,7 @@ def test_positions_beyond_the_model_are_refused(tiny_bert_dir: Path) -> None:
 def test_length_grouped_batches_cover_every_example_once() -> None:
     import random
 
-    from ragtrain.generator_train import length_grouped
+    from ragtrain.generation.training import length_grouped
 
     enc = [{"ids": [0] * n, "k": i} for i, n in enumerate(random.Random(1).choices(
         range(5, 300), k=103))]

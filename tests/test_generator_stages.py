@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from ragtrain import cli, stages
+from ragtrain import cli
 from ragtrain.config import load_config
+from ragtrain.pipeline import stages
 
 
 def run(*args: str) -> int:

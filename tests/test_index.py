@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ragtrain import index as ix
 from ragtrain.config import IndexConfig
 from ragtrain.errors import IndexFileError, IndexMismatchError, RagtrainError, RetrievalError
+from ragtrain.retrieval import index as ix
 
 VOCAB = ["cat", "dog", "fish", "bird", "tree", "car"]
 PASSAGES = {

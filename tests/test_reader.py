@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragtrain.reader import Reader, ReaderConfig, best_span, locate_answer, train_reader
+from ragtrain.generation.reader import Reader, ReaderConfig, best_span, locate_answer, train_reader
 
 TEXT = ("The Denver Broncos defeated the Carolina Panthers 24–10 to win Super Bowl 50 at "
         "Levi's Stadium in Santa Clara.")

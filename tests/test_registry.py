@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ragtrain import cli, registry, tracking
+from ragtrain import cli, tracking
 from ragtrain.config import RegistryConfig, TrackingConfig
 from ragtrain.errors import RegistryError, TrackingError
+from ragtrain.tracking import registry
 
 EVAL_A, EVAL_B = "a" * 64, "b" * 64
 _names = itertools.count()

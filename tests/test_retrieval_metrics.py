@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ragtrain.errors import RetrievalError
-from ragtrain.retrieval_metrics import answer_in_passage, evaluate_retrieval, normalize_answer
+from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval, normalize_answer
 
 
 @pytest.mark.parametrize(

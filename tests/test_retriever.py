@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from ragtrain import losses, trainer
+from ragtrain import trainer
 from ragtrain.config import RetrieverConfig
 from ragtrain.errors import RagtrainError
-from ragtrain.mining import mine_hard_negatives
-from ragtrain.retriever import BiEncoder, EncoderSpec, encode, pool
-from ragtrain.retriever_train import Corpus, exact_search, train_retriever
+from ragtrain.retrieval import losses
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, encode, pool
+from ragtrain.retrieval.mining import mine_hard_negatives
+from ragtrain.retrieval.training import Corpus, exact_search, train_retriever
 
 # ----------------------------------------------------------------- losses
 

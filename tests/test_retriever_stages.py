@@ -11,7 +11,7 @@ import pytest
 
 from ragtrain import cli
 from ragtrain.config import RetrieverConfig
-from ragtrain.retriever_train import Batches
+from ragtrain.retrieval.training import Batches
 from tests.conftest import FIXTURES
 
 
@@ -248,7 +248,7 @@ def test_same_data_params_code_same_metrics(tiny_project: Path) -> None:
 def test_checkpoint_of_other_code_is_not_resumed(tiny_project: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """DVC reruns training when its code changes; a finished checkpoint must not stand in."""
-    from ragtrain import stages
+    from ragtrain.pipeline import stages
 
     assert run("train-retriever") == 0
     steps: list[int] = []

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ragtrain import stages
 from ragtrain.config import (
     DEFAULT_PARAMS,
     Config,
@@ -22,6 +21,7 @@ from ragtrain.config import (
     to_dict,
 )
 from ragtrain.errors import RagtrainError
+from ragtrain.pipeline import stages
 
 
 def _print_stats(stats: dict[str, float | int]) -> None:
@@ -106,7 +106,7 @@ def _cmd_package(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> 
 
 
 def _load_rag(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> Any:
-    from ragtrain.rag import RAGModel
+    from ragtrain.generation.rag import RAGModel
 
     if args.bundle:
         return RAGModel.load(args.bundle)
@@ -209,8 +209,8 @@ def _cmd_register(cfg: Config, paths: stages.Paths, args: argparse.Namespace) ->
 
 
 def _cmd_promote(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    from ragtrain import registry
     from ragtrain.errors import RegistryError
+    from ragtrain.tracking import registry
 
     p = registry.promote(cfg.registry, cfg.tracking, root=paths.root, version=args.version)
     print(registry.describe(p))
@@ -221,14 +221,14 @@ def _cmd_promote(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> 
 
 
 def _cmd_rollback(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    from ragtrain import registry
+    from ragtrain.tracking import registry
 
     r = registry.rollback(cfg.registry, cfg.tracking, root=paths.root)
     print(f"{r.name}@champion: version {r.replaced} -> version {r.champion} (rolled back)")
 
 
 def _cmd_evaluate_champion(cfg: Config, paths: stages.Paths, args: argparse.Namespace) -> None:
-    from ragtrain import registry
+    from ragtrain.tracking import registry
 
     version, m = registry.evaluate_version(cfg.registry, cfg.tracking, args.questions,
                                            root=paths.root, split=args.split,

@@ -9,9 +9,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ragtrain.retrieval_metrics import _contains, normalize_answer
+from ragtrain.retrieval.metrics import _contains, normalize_answer
 
-METRIC_MODULE = Path(__file__).parent / "metrics" / "rag_qa"  # the `evaluate` module, by path
+METRIC_MODULE = Path(__file__).parent / "rag_qa"  # the `evaluate` module, by path
 
 
 def exact_match(prediction: str, reference: str) -> float:

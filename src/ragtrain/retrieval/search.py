@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ragtrain import fusion, runtime
-from ragtrain.bm25 import BM25Retriever
+from ragtrain import runtime
 from ragtrain.config import RetrieverConfig
 from ragtrain.errors import RetrievalError
-from ragtrain.index import DenseIndex, load_index, search
-from ragtrain.retriever import BiEncoder
+from ragtrain.retrieval import fusion
+from ragtrain.retrieval.bm25 import BM25Retriever
+from ragtrain.retrieval.encoder import BiEncoder
+from ragtrain.retrieval.index import DenseIndex, load_index, search
 
 
 @dataclass

@@ -129,7 +129,7 @@ class BiEncoder(torch.nn.Module):
         return model
 
     def fingerprint(self) -> str:
-        from ragtrain.index import fingerprint_state_dict
+        from ragtrain.retrieval.index import fingerprint_state_dict
 
         return fingerprint_state_dict(self.state_dict())
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtrain import data, source, tracking
+from ragtrain import tracking
 from ragtrain.config import Config, flatten, to_dict
+from ragtrain.data import prepare as data
+from ragtrain.data import source
 from ragtrain.errors import DataError, RagtrainError
 from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file, write_jsonl
 
@@ -168,8 +170,8 @@ def _queries(paths: Paths, split: str) -> list[dict[str, Any]]:
 
 def run_build_bm25(cfg: Config, paths: Paths) -> Path:
     """data/prepared/corpus.jsonl -> artifacts/bm25 (BM25 over title + text)."""
-    from ragtrain.bm25 import BM25Retriever
-    from ragtrain.retriever_train import Corpus
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.training import Corpus
 
     corpus = Corpus.load(paths.corpus)
     BM25Retriever.build(corpus.texts, corpus.ids,
@@ -181,9 +183,9 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
                         on_step: Callable[[int, Mapping[str, float]], None] | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the bi-encoder on train questions (dev for model selection) -> artifacts/."""
-    from ragtrain.bm25 import BM25Retriever
-    from ragtrain.retriever import BiEncoder, EncoderSpec
-    from ragtrain.retriever_train import Corpus, check_gold_ids, train_retriever
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.training import Corpus, check_gold_ids, train_retriever
 
     rc = cfg.retriever
     corpus = Corpus.load(paths.corpus)
@@ -222,11 +224,12 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
 
 
 # A checkpoint is resumed only by the same code: the modules dvc.yaml lists for training.
-TRAINING_CODE = ("retriever", "retriever_train", "losses", "mining", "trainer")
+TRAINING_CODE = ("retrieval/encoder", "retrieval/training", "retrieval/losses", "retrieval/mining",
+                 "trainer")
 
 
 def _code_hashes(modules: tuple[str, ...]) -> list[str]:
-    pkg = Path(__file__).parent
+    pkg = Path(__file__).parents[1]
     return [sha256_file(pkg / f"{m}.py") for m in modules]
 
 
@@ -235,9 +238,9 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     import numpy as np
 
     from ragtrain import runtime
-    from ragtrain.index import build_index, save_index
-    from ragtrain.retriever import BiEncoder
-    from ragtrain.retriever_train import Corpus
+    from ragtrain.retrieval.encoder import BiEncoder
+    from ragtrain.retrieval.index import build_index, save_index
+    from ragtrain.retrieval.training import Corpus
 
     corpus = Corpus.load(paths.corpus)
     model = BiEncoder.load(paths.retriever)
@@ -261,10 +264,10 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     """Score BM25, the untrained encoder, the trained one and the hybrid on the same held-out
     questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
     from ragtrain import runtime
-    from ragtrain.retrieval import Retriever
-    from ragtrain.retrieval_metrics import evaluate_retrieval
-    from ragtrain.retriever import BiEncoder, EncoderSpec
-    from ragtrain.retriever_train import Corpus, check_gold_ids, exact_search
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.metrics import evaluate_retrieval
+    from ragtrain.retrieval.search import Retriever
+    from ragtrain.retrieval.training import Corpus, check_gold_ids, exact_search
 
     ec, rc = cfg.evaluation, cfg.retriever
     split = ec.split
@@ -311,9 +314,9 @@ RETRIEVE_DEPTH = 20  # passages kept per question by `retrieve` (the generator t
 def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
     """Top passages of every train / dev / test question with the configured retriever (what
     the generator trains and is evaluated on) -> artifacts/retrieved/{split}.jsonl."""
-    from ragtrain.retrieval import Retriever
-    from ragtrain.retrieval_metrics import answer_in_passage
-    from ragtrain.retriever_train import Corpus
+    from ragtrain.retrieval.metrics import answer_in_passage
+    from ragtrain.retrieval.search import Retriever
+    from ragtrain.retrieval.training import Corpus
 
     rc = cfg.retriever
     corpus = Corpus.load(paths.corpus)
@@ -346,7 +349,7 @@ def _retrieved(paths: Paths, split: str) -> dict[str, list[str]]:
     return {r["id"]: r["passage_ids"] for r in read_jsonl(p)}
 
 
-GENERATOR_CODE = ("generator", "generator_train", "trainer", "evaluation")
+GENERATOR_CODE = ("generation/generator", "generation/training", "trainer", "evaluation/answers")
 
 
 def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
@@ -354,9 +357,9 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the generator by MLE on the train questions with their retrieved passages
     (dev F1 picks the best checkpoint) -> artifacts/generator."""
-    from ragtrain.generator import Generator
-    from ragtrain.generator_train import train_generator
-    from ragtrain.rag import load_corpus
+    from ragtrain.generation.generator import Generator
+    from ragtrain.generation.rag import load_corpus
+    from ragtrain.generation.training import train_generator
     from ragtrain.trainer import prepare_ckpt_dir, seed_everything
 
     gc = cfg.generator
@@ -410,11 +413,11 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     import evaluate as hf_evaluate
 
     from ragtrain import runtime
-    from ragtrain.evaluation import METRIC_MODULE, score_one, sliding_window_answer
-    from ragtrain.generator import Generator
-    from ragtrain.generator_train import gold_examples, make_examples
-    from ragtrain.rag import load_corpus
-    from ragtrain.retrieval_metrics import answer_in_passage
+    from ragtrain.evaluation.answers import METRIC_MODULE, score_one, sliding_window_answer
+    from ragtrain.generation.generator import Generator
+    from ragtrain.generation.rag import load_corpus
+    from ragtrain.generation.training import gold_examples, make_examples
+    from ragtrain.retrieval.metrics import answer_in_passage
     from ragtrain.trainer import seed_everything
 
     split, gc, k = cfg.evaluation.split, cfg.generator, cfg.retriever.top_k
@@ -478,7 +481,7 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
 
 def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
     """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers)."""
-    from ragtrain.rag import export_bundle
+    from ragtrain.generation.rag import export_bundle
 
     extra = {"eval_set_sha256": sha256_file(paths.queries(cfg.evaluation.split)),
              "eval_split": cfg.evaluation.split}
@@ -494,8 +497,8 @@ def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
 def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Register the RAG model bundle (artifacts/rag) and its parts in MLflow as ``challenger``,
     with its evaluation metrics, in a `register` run -> artifacts/registered.json."""
-    from ragtrain import registry
-    from ragtrain.rag import MANIFEST
+    from ragtrain.generation.rag import MANIFEST
+    from ragtrain.tracking import registry
 
     if not (cfg.registry.register and cfg.tracking.enabled):  # the registry is MLflow's
         why = ("registry.register is false" if not cfg.registry.register

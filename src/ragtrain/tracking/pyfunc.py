@@ -30,11 +30,12 @@ with warnings.catch_warnings():  # mlflow's own PythonModel subclasses warn abou
     warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
     import mlflow.pyfunc
 
-RAG_CLASS = "ragtrain.rag:RAGModel"  # what loads the bundle: a class with load() and answer()
+# what loads the bundle: a class with load() and answer()
+RAG_CLASS = "ragtrain.generation.rag:RAGModel"
 BUNDLE_ARTIFACT = "bundle"
 _CODE = (
     "from mlflow.models import set_model\n"
-    "from ragtrain.tracking_pyfunc import RAGPyfunc\n"
+    "from ragtrain.tracking.pyfunc import RAGPyfunc\n"
     "set_model(RAGPyfunc())\n"
 )
 # Recorded in the model's requirements.txt (for a serving environment built elsewhere; ragtrain

@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragtrain import losses, runtime, trainer
+from ragtrain import runtime, trainer
 from ragtrain.config import RetrieverConfig
 from ragtrain.errors import DataError
 from ragtrain.io import read_jsonl
-from ragtrain.mining import mine_hard_negatives
-from ragtrain.retrieval_metrics import evaluate_retrieval
-from ragtrain.retriever import BiEncoder, passage_input
+from ragtrain.retrieval import losses
+from ragtrain.retrieval.encoder import BiEncoder, passage_input
+from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.mining import mine_hard_negatives
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """ragtrain's answer metric as a local `evaluate` module (load it by path, no hub):
 
     import evaluate
-    from ragtrain.evaluation import METRIC_MODULE
+    from ragtrain.evaluation.answers import METRIC_MODULE
     metric = evaluate.load(str(METRIC_MODULE))
     metric.compute(predictions=["Denver Broncos"], references=[["Denver Broncos", "Broncos"]])
     # {"exact_match": 100.0, "f1": 100.0, "accuracy": 100.0}
@@ -15,7 +15,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from ragtrain.evaluation import score_answers
+from ragtrain.evaluation.answers import score_answers
 
 
 class RagQa(evaluate.Metric):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ragtrain.retrieval_metrics import answer_in_passage
+from ragtrain.retrieval.metrics import answer_in_passage
 
 
 def mine_hard_negatives(

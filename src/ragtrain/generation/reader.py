@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ragtrain import runtime
-from ragtrain.evaluation import score_answers
-from ragtrain.generator import Passage
-from ragtrain.generator_train import length_grouped
+from ragtrain.evaluation.answers import score_answers
+from ragtrain.generation.generator import Passage
+from ragtrain.generation.training import length_grouped
 from ragtrain.models import _hub_error, resolve_model_path
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 

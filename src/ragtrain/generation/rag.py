@@ -18,9 +18,9 @@ from typing import Any
 from ragtrain import runtime
 from ragtrain.config import RetrieverConfig, config_from_dict, to_dict
 from ragtrain.errors import IndexMismatchError, RagtrainError
-from ragtrain.generator import Example, Generator, Passage
+from ragtrain.generation.generator import Example, Generator, Passage
 from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file
-from ragtrain.retrieval import Retriever
+from ragtrain.retrieval.search import Retriever
 
 MANIFEST = "rag.json"
 

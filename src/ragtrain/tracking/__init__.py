@@ -701,7 +701,7 @@ def log_rag_model(run: RunHandle, bundle: Path, example_questions: Sequence[str]
     """
     import tempfile
 
-    from ragtrain import tracking_pyfunc
+    from ragtrain.tracking import pyfunc as tracking_pyfunc
 
     kwargs = {"rag_class": rag_class} if rag_class else {}
     with tempfile.TemporaryDirectory() as tmp, _mlflow_errors(f"log RAG model {bundle}"):

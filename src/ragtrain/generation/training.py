@@ -18,8 +18,8 @@ import torch
 
 from ragtrain import runtime
 from ragtrain.config import GeneratorConfig
-from ragtrain.evaluation import score_answers
-from ragtrain.generator import Example, Generator, Passage, Prediction
+from ragtrain.evaluation.answers import score_answers
+from ragtrain.generation.generator import Example, Generator, Passage, Prediction
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 
 

@@ -345,7 +345,7 @@ def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path
     recorded ones, so a challenger evaluated on that file can be compared with it."""
     import tempfile
 
-    from ragtrain.evaluation import score_answers
+    from ragtrain.evaluation.answers import score_answers
     from ragtrain.io import sha256_file
 
     rows = read_scored_questions(questions)
