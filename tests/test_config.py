@@ -61,8 +61,8 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, needle: str) -> None
 def test_yaml12_floats_match_dvc(tmp_path: Path) -> None:
     # PyYAML would read 1e-4 as a string; DVC (YAML 1.2) as a float. We read it like DVC.
     cfg = load_config(write(tmp_path, "retriever:\n  lr: 1e-4\n  temperature: 1\n"))
-    assert cfg.retriever.lr == pytest.approx(1e-4)
-    assert isinstance(cfg.retriever.temperature, float)
+    assert cfg.retriever.lr == 1e-4
+    assert type(cfg.retriever.temperature) is float and cfg.retriever.temperature == 1.0
 
 
 def test_overrides(tmp_path: Path) -> None:
@@ -96,3 +96,14 @@ def test_cli_config_show_and_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.yaml: no such file" in r.stderr
     r = run_cli(["--help"], tmp_path, check=True)
     assert "prepare" in r.stdout and "fetch" in r.stdout
+
+
+def test_retriever_loss_choices_are_the_registered_losses() -> None:
+    # config.py stays torch-free, so it keeps its own Literal; it must name exactly the registry
+    import typing
+
+    from ragtrain.config import RetrieverConfig
+    from ragtrain.retrieval.losses import LOSSES
+
+    allowed = typing.get_args(typing.get_type_hints(RetrieverConfig)["loss"])
+    assert sorted(allowed) == sorted(LOSSES) == ["cosine", "in_batch_nll"]

@@ -11,6 +11,7 @@ import pytest
 
 from ragtrain import cli
 from ragtrain.config import DataConfig
+from ragtrain.data import formats
 from ragtrain.data import prepare as data
 from ragtrain.errors import DataError
 from tests.conftest import FIXTURES
@@ -270,7 +271,7 @@ def test_squad_v11_dev_counts_and_checksums(
 
 
 def test_squad_split_is_by_article_and_seeded(squad_zip: Path) -> None:
-    ds = data.read_dataset(squad_zip)
+    ds = formats.read_dataset(squad_zip)
     a = data.prepare_dataset(ds, DataConfig(split_seed=0))
     b = data.prepare_dataset(ds, DataConfig(split_seed=0))
     c = data.prepare_dataset(ds, DataConfig(split_seed=1))
@@ -293,7 +294,7 @@ def test_squad_v2_unanswerable_skipped(tmp_path: Path) -> None:
     d["data"][0]["paragraphs"][0]["qas"].append(
         {"id": "imp", "question": "Unanswerable?", "answers": [], "is_impossible": True})
     p = _write(tmp_path, "train-v2.0.json.gz", gzip.compress(json.dumps(d).encode()))
-    ds = data.read_dataset(p)
+    ds = formats.read_dataset(p)
     assert ds.skipped["unanswerable"] == 1
     assert "imp" not in {q.qid for q in ds.questions}
 
@@ -320,7 +321,7 @@ def test_chunker_gold_mapping_and_lost_labels() -> None:
         ("B", [("alpha beta", [("qe", "?", "beta")])]),
         ("C", [("gamma delta", [("qf", "?", "delta")])]),
     ])
-    ds = data.read_squad(data.Member("mem.json", lambda: json.dumps(d).encode()))
+    ds = formats.read_squad(formats.Member("mem.json", lambda: json.dumps(d).encode()))
     cfg = DataConfig(chunk_tokens=4, chunk_overlap=1, test_fraction=0.34, dev_fraction=0.0)
     prep = data.prepare_dataset(ds, cfg)
     ids = [p.passage_id for p in prep.passages]
@@ -338,7 +339,7 @@ def test_chunker_gold_mapping_and_lost_labels() -> None:
 def test_chunking_with_hf_tokenizer_offsets() -> None:
     ctx = "The Eiffel Tower is in Paris. " * 20
     d = squad([(f"T{i}", [(ctx, [(f"q{i}", "?", "Paris")])]) for i in range(3)])
-    ds = data.read_squad(data.Member("mem.json", lambda: json.dumps(d).encode()))
+    ds = formats.read_squad(formats.Member("mem.json", lambda: json.dumps(d).encode()))
     cfg = DataConfig(chunk_tokens=32, chunk_overlap=8, chunk_tokenizer="all-MiniLM-L6-v2",
                      dedup_passages=False)
     prep = data.prepare_dataset(ds, cfg)
@@ -354,7 +355,7 @@ def test_duplicate_passages_merged_and_gold_remapped() -> None:
         ("B", [("Same   text here about X.", [("qb", "?", "X")]), ("Other Y.", [])]),
         ("C", [("Third Z.", [("qc", "?", "Z")])]),
     ])
-    ds = data.read_squad(data.Member("mem.json", lambda: json.dumps(d).encode()))
+    ds = formats.read_squad(formats.Member("mem.json", lambda: json.dumps(d).encode()))
     prep = data.prepare_dataset(ds, DataConfig(test_fraction=0.34, dev_fraction=0.0))
     assert prep.stats["data/passages_merged"] == 1
     assert len(prep.passages) == 3
@@ -368,7 +369,7 @@ def test_duplicate_passages_merged_and_gold_remapped() -> None:
 
 
 def test_jsonl_pair_gold_by_answer_and_given(tmp_path: Path) -> None:
-    ds = data.read_dataset(FIXTURES / "tiny_jsonl")
+    ds = formats.read_dataset(FIXTURES / "tiny_jsonl")
     gold = {q.qid: q.gold_units for q in ds.questions}
     assert gold == {"q1": ["d1"], "q2": ["d2"], "q3": ["d3"], "q4": ["d4"], "q5": ["d5"]}
     prep = data.prepare_dataset(ds, DataConfig())
@@ -378,17 +379,17 @@ def test_jsonl_pair_gold_by_answer_and_given(tmp_path: Path) -> None:
     with zipfile.ZipFile(z, "w") as zf:
         for name in ("corpus.jsonl", "qa.jsonl"):
             zf.write(FIXTURES / "tiny_jsonl" / name, f"mydata/{name}")
-    assert [q.qid for q in data.read_dataset(z).questions] == [q.qid for q in ds.questions]
+    assert [q.qid for q in formats.read_dataset(z).questions] == [q.qid for q in ds.questions]
 
 
 def test_beir_layout(tmp_path: Path) -> None:
     src = tmp_path / "beir"
     shutil.copytree(FIXTURES / "tiny_beir", src)
-    ds = data.read_dataset(src)
-    assert data.detect_format(data._members(src)) == "beir"
+    ds = formats.read_dataset(src)
+    assert formats.detect_format(formats._members(src)) == "beir"
     assert {q.qid: q.gold_units for q in ds.questions} == {
         "q1": ["c1"], "q2": ["c2"], "q3": ["c3"]}
     assert ds.skipped["query_without_qrels"] == 1
     (src / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tzz\t1\n")
     with pytest.raises(DataError, match=r"test.tsv:2: corpus-id 'zz' names no passage"):
-        data.read_dataset(src)
+        formats.read_dataset(src)

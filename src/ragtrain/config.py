@@ -8,10 +8,12 @@ float for both.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,8 +36,10 @@ def _f(default: Any, **checks: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A local path (file or folder) or an http(s) URL. Relative paths are relative to the repo root.
-    source: str = SQUAD_V11_DEV_URL
+    # A local path (file or folder) or an http(s) URL, or a list of them: mirrors of the same
+    # file, tried in order (the first that exists or downloads is used; sha256 pins all of them).
+    # Relative paths are relative to the repo root.
+    source: str | list[str] = SQUAD_V11_DEV_URL
     # Pinned sha256 of the file, or of its decompressed payload (.gz, one-member .zip); "" = none.
     sha256: str = _f(SQUAD_V11_DEV_SHA256, pattern=r"^([0-9a-f]{64})?$")
     format: Literal["auto", "squad", "jsonl", "beir"] = "auto"
@@ -80,7 +84,7 @@ class RetrieverConfig:
     shared_encoder: bool = True  # False: separate query / passage towers (DPR style)
     query_max_length: int = _f(64, ge=8)
     passage_max_length: int = _f(256, ge=8)
-    loss: Literal["in_batch_nll", "cosine"] = "in_batch_nll"
+    loss: Literal["in_batch_nll", "cosine"] = "in_batch_nll"  # = retrieval.losses.LOSSES keys
     temperature: float = _f(0.05, gt=0)
     hard_negatives: Literal["none", "bm25", "dense", "both"] = "none"
     hard_negatives_per_query: int = _f(1, ge=0)
@@ -180,11 +184,6 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
-class OrchestrationConfig:
-    dvc_remote: str = "local"
-
-
-@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -194,7 +193,6 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -227,6 +225,8 @@ def read_yaml(path: Path) -> Any:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -238,6 +238,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
         return _build(tp, value, key)
+    if origin is types.UnionType:  # str | list[str]: the first alternative that fits
+        for alt in typing.get_args(tp):
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, alt, key)
+        alts = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}: expected {alts}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

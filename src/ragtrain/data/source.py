@@ -10,7 +10,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,33 +95,51 @@ def _verify(path: Path, expected: str, source: str) -> dict[str, Any]:
     return {"sha256_file": file_sha, "sha256_payload": payload_sha}
 
 
-def fetch_source(source: str, expected_sha256: str, out_dir: Path, *, root: Path,
-                 timeout_s: float = 60.0) -> dict[str, Any]:
-    """Copy or download ``source`` into ``out_dir`` (atomically), verify it; return the manifest."""
-    if not source:
+def _copy_in(source: str, tmp: Path, root: Path, timeout_s: float) -> Path:
+    """Copy or download one location into ``tmp``; the path of the copy."""
+    if is_url(source):
+        dest = tmp / (Path(urllib.parse.urlparse(source).path).name or "download")
+        _download(source, dest, timeout_s)
+        return dest
+    src = Path(source).expanduser()
+    if not src.is_absolute():
+        src = root / src
+    if not src.exists():
+        raise SourceError(f"data.source: {source} does not exist (resolved to {src.resolve()})")
+    dest = tmp / src.name
+    if src.is_dir():
+        shutil.copytree(src, dest)
+    else:
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def fetch_source(source: str | Sequence[str], expected_sha256: str, out_dir: Path, *,
+                 root: Path, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Copy or download ``source`` (or the first of its mirrors that can be had) into
+    ``out_dir`` (atomically), verify it; return the manifest."""
+    locations = [source] if isinstance(source, str) else list(source)
+    if not any(loc.strip() for loc in locations):
         raise SourceError("data.source: empty; set it to a local path or an http(s) URL")
+    failures: list[str] = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        if is_url(source):
-            name = Path(urllib.parse.urlparse(source).path).name or "download"
-            dest = tmp / name
-            _download(source, dest, timeout_s)
+        for loc in locations:
+            try:
+                dest = _copy_in(loc, tmp, root, timeout_s)
+                break
+            except SourceError as e:
+                if len(locations) == 1:
+                    raise
+                failures.append(str(e).removeprefix("data.source: "))
+                for left in tmp.iterdir():  # e.g. a download cut off half-way
+                    shutil.rmtree(left) if left.is_dir() else left.unlink()
         else:
-            src = Path(source).expanduser()
-            if not src.is_absolute():
-                src = root / src
-            if not src.exists():
-                raise SourceError(
-                    f"data.source: {source} does not exist (resolved to {src.resolve()})"
-                )
-            dest = tmp / src.name
-            if src.is_dir():
-                shutil.copytree(src, dest)
-            else:
-                shutil.copyfile(src, dest)
-        hashes = _verify(dest, expected_sha256, source)
+            raise SourceError(f"data.source: none of its {len(locations)} locations could be "
+                              "fetched: " + "; ".join(failures))
+        hashes = _verify(dest, expected_sha256, loc)
         manifest = {
-            "source": source,
+            "source": loc,
             "file": dest.name,
             "pinned_sha256": expected_sha256 or None,
             **hashes,

@@ -1,0 +1,47 @@
+"""Question files given to a trained model: for `ask`/`predict`, and scored ones (with answers)
+for `evaluate-champion`. Every line is checked before any work, and a bad one is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ragtrain.errors import DataError
+
+
+def read_questions(path: Path, *, need_answers: bool = False) -> list[dict[str, Any]]:
+    """The questions of a file, as rows with an ``"id"`` and a ``"question"``.
+
+    Without ``need_answers``: a .jsonl file of ``{"question", optional "id"}`` or a text file,
+    one question per line (ids are line numbers). With it: a JSONL file (any suffix) of
+    ``{"question": str, "answers": [str, ...]}``, what `prepare` writes in
+    data/prepared/{dev,test}.jsonl; its rows are returned whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows: list[dict[str, Any]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if not need_answers and path.suffix != ".jsonl":
+            rows.append({"id": str(n), "question": line.strip()})
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        q = r.get("question") if isinstance(r, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{path}:{n}: needs a non-empty string \"question\"")
+        if not need_answers:
+            rows.append({"id": str(r.get("id", n)), "question": q})
+            continue
+        a = r.get("answers")
+        if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
+            raise DataError(f"{path}:{n}: needs \"answers\", a non-empty list of strings")
+        rows.append(r)
+    if not rows:
+        raise DataError(f"{path}: no questions")
+    return rows
