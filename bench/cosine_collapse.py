@@ -19,16 +19,17 @@ import numpy as np
 
 from ragtrain import runtime
 from ragtrain.config import load_config
+from ragtrain.data.corpus import Corpus
 from ragtrain.io import read_jsonl
-from ragtrain.pipeline.stages import Paths
-from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+from ragtrain.pipeline.paths import Paths
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
 from ragtrain.retrieval.metrics import evaluate_retrieval
-from ragtrain.retrieval.training import Corpus, exact_search, labelled, train_retriever
+from ragtrain.retrieval.training import exact_search, labelled, train_retriever
 
 
 def score(model: BiEncoder, corpus: Corpus, rows: list[dict], bf16: bool) -> tuple[dict, float]:
     with runtime.autocast(bf16):
-        p = model.encode_passages(corpus.texts, 64)
+        p = model.encode_passages(passage_inputs(corpus.passages), 64)
         q = model.encode_queries([r["question"] for r in rows], 128)
     m, _ = evaluate_retrieval(exact_search(q, p, corpus.ids, 5)[1],
                               [r["gold_passage_ids"] for r in rows], ks=(1, 5))

@@ -33,18 +33,19 @@ import torch  # noqa: E402
 
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
-from ragtrain.generation.generator import CopyGenerator, Generator  # noqa: E402
-from ragtrain.generation.rag import load_corpus  # noqa: E402
+from ragtrain.data.corpus import Corpus  # noqa: E402
+from ragtrain.generation.copy import CopyGenerator  # noqa: E402
+from ragtrain.generation.generator import Generator  # noqa: E402
 from ragtrain.generation.training import make_examples  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.pipeline import stages  # noqa: E402
+from ragtrain.pipeline.paths import Paths, read_retrieved  # noqa: E402
 from ragtrain.trainer import LoopConfig, build_optimizer, seed_everything, train_loop  # noqa: E402
 
 
-def examples(cfg, paths: stages.Paths, n: int, seed: int = 0) -> list:
-    corpus = load_corpus(paths.corpus)
+def examples(cfg, paths: Paths, n: int, seed: int = 0) -> list:
+    corpus = Corpus.load(paths.corpus)
     rows = read_jsonl(paths.queries("train"))[:n]
-    retrieved = stages._retrieved(paths, "train")
+    retrieved = read_retrieved(paths, "train")
     return make_examples(rows, retrieved, corpus, cfg.retriever.top_k,
                          gold_share=cfg.generator.gold_share, rng=random.Random(seed))
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
-    paths = stages.Paths()
+    paths = Paths()
     n = args.steps * cfg.generator.batch_size + cfg.generator.batch_size
     exs = examples(cfg, paths, n)
     tok_gen = Generator.from_pretrained(cfg.generator)

@@ -32,11 +32,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
+from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.generation.generator import Generator  # noqa: E402
-from ragtrain.generation.rag import load_corpus  # noqa: E402
 from ragtrain.generation.training import evaluate_generator, make_examples, train_generator  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.pipeline import stages  # noqa: E402
+from ragtrain.pipeline.paths import Paths, read_retrieved  # noqa: E402
 from ragtrain.trainer import seed_everything  # noqa: E402
 
 
@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
-    paths = stages.Paths()
-    corpus = load_corpus(paths.corpus)
+    paths = Paths()
+    corpus = Corpus.load(paths.corpus)
     train = read_jsonl(paths.queries("train"))
     dev_all = read_jsonl(paths.queries("dev"))
     dev = random.Random(cfg.seed).sample(dev_all, min(args.dev, len(dev_all)))
-    retrieved = {**stages._retrieved(paths, "train"), **stages._retrieved(paths, "dev")}
+    retrieved = {**read_retrieved(paths, "train"), **read_retrieved(paths, "dev")}
     k = cfg.retriever.top_k
     dev_ex = make_examples(dev, retrieved, corpus, k)
     refs = [r["answers"] for r in dev]

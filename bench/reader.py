@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
-from ragtrain.generation.rag import load_corpus  # noqa: E402
+from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.generation.reader import Reader, ReaderConfig, evaluate_reader, train_reader  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.pipeline import stages  # noqa: E402
+from ragtrain.pipeline.paths import Paths, read_retrieved  # noqa: E402
 from ragtrain.trainer import seed_everything  # noqa: E402
 
 
@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     args = ap.parse_args(argv)
     cfg = load_config(args.params)
-    paths = stages.Paths()
+    paths = Paths()
     split = cfg.evaluation.split
-    corpus = load_corpus(paths.corpus)
+    corpus = Corpus.load(paths.corpus)
     train_rows = read_jsonl(paths.queries("train"))
     test_rows = read_jsonl(paths.queries(split))
-    retrieved = stages._retrieved(paths, split)
+    retrieved = read_retrieved(paths, split)
     rc = ReaderConfig(model_name=args.model, epochs=args.epochs, max_steps=args.max_steps)
     bf16 = runtime.use_bf16(rc.precision)
     seed_everything(cfg.seed)
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     qs = [r["question"] for r in test_rows]
     refs = [r["answers"] for r in test_rows]
     k = cfg.retriever.top_k
-    top = [[corpus[p][1] for p in retrieved[r["id"]][:k]] for r in test_rows]
-    gold = [[corpus[r["gold_passage_ids"][0]][1]] for r in test_rows]
+    top = [[corpus[p].text for p in retrieved[r["id"]][:k]] for r in test_rows]
+    gold = [[corpus[r["gold_passage_ids"][0]].text] for r in test_rows]
     t0 = time.perf_counter()
     m, _ = evaluate_reader(reader, qs, top, refs, prefix=f"{split}/reader", bf16=bf16)
     m[f"{split}/reader/answers_per_s"] = len(qs) / (time.perf_counter() - t0)

@@ -31,14 +31,15 @@ import torch  # noqa: E402
 
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import IndexConfig, load_config  # noqa: E402
+from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 from ragtrain.models import resolve_model_path  # noqa: E402
-from ragtrain.pipeline.stages import Paths  # noqa: E402
-from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec  # noqa: E402
+from ragtrain.pipeline.paths import Paths  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs  # noqa: E402
 from ragtrain.retrieval.index import build_index, search  # noqa: E402
 from ragtrain.retrieval.metrics import evaluate_retrieval  # noqa: E402
 from ragtrain.retrieval.search import Retriever  # noqa: E402
-from ragtrain.retrieval.training import Batches, Corpus, exact_search, labelled  # noqa: E402
+from ragtrain.retrieval.training import Batches, exact_search, labelled  # noqa: E402
 
 
 def quality(cfg, paths: Paths, corpus: Corpus, rows: list[dict]) -> None:
@@ -58,7 +59,7 @@ def quality(cfg, paths: Paths, corpus: Corpus, rows: list[dict]) -> None:
         ranked[f"hybrid-{fusion}"] = r.search(questions, 100)[1]
     base = BiEncoder.from_pretrained(EncoderSpec.from_config(cfg.retriever))
     with runtime.autocast(runtime.use_bf16(cfg.retriever.precision)):
-        p = base.encode_passages(corpus.texts, 64)
+        p = base.encode_passages(passage_inputs(corpus.passages), 64)
         q = base.encode_queries(questions, 128)
     ranked["untrained"] = exact_search(q, p, corpus.ids, 100)[1]
     print(f"\n## 1. Retrieval quality: {split} split, {len(rows)} questions, "
@@ -87,10 +88,10 @@ def training_throughput(cfg, corpus: Corpus, rows: list[dict], steps: int) -> No
     batches = Batches.build(rows, rc, cfg.seed)
     # the exact pairs ragtrain's first `steps` batches train on
     pairs = []
+    text = dict(zip(corpus.ids, passage_inputs(corpus.passages), strict=True))
     for i in range(steps):
         pids, idx, _ = batches(i)
-        pairs += [(rows[j]["question"], corpus.by_id[rows[j]["gold_passage_ids"][0]])
-                  for j in idx]
+        pairs += [(rows[j]["question"], text[rows[j]["gold_passage_ids"][0]]) for j in idx]
     n_q = len(pairs)
     bs = round(n_q / steps)
     bf16 = runtime.use_bf16(rc.precision)
@@ -143,7 +144,7 @@ def training_throughput(cfg, corpus: Corpus, rows: list[dict], steps: int) -> No
 def encoding_throughput(cfg, corpus: Corpus, n: int) -> None:
     from sentence_transformers import SentenceTransformer
 
-    texts = corpus.texts[:n]
+    texts = passage_inputs(corpus.passages[:n])
     spec = EncoderSpec.from_config(cfg.retriever)
     model = BiEncoder.from_pretrained(spec)
     st = SentenceTransformer(resolve_model_path(spec.base_model), device="cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ragtrain.config import load_config
 from ragtrain.io import read_jsonl
-from ragtrain.pipeline.stages import Paths
+from ragtrain.pipeline.paths import Paths
 from ragtrain.retrieval import fusion
 from ragtrain.retrieval.metrics import evaluate_retrieval
 from ragtrain.retrieval.search import Retriever

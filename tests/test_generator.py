@@ -9,19 +9,15 @@ import pytest
 import torch
 
 from ragtrain.config import GeneratorConfig
-from ragtrain.generation.generator import (
-    Example,
-    Generator,
-    GeneratorError,
-    build_copy_source,
-    copy_target,
-    fair_shares,
-    render_prompt,
-)
+from ragtrain.data.corpus import Passage
+from ragtrain.generation.copy import CopyBackend
+from ragtrain.generation.generator import Example, Generator, GeneratorError
+from ragtrain.generation.hf import CausalBackend, Seq2SeqBackend
+from ragtrain.generation.inputs import build_copy_source, copy_target, fair_shares, render_prompt
 
-PASSAGES = [("Super_Bowl_50", "The Denver Broncos defeated the Carolina Panthers 24–10 to win "
-                              "Super Bowl 50 at Levi's Stadium."),
-            ("Other", "Something else entirely, with a few more words in it.")]
+PASSAGES = [Passage("p0", "Super_Bowl_50", "The Denver Broncos defeated the Carolina Panthers "
+                                           "24–10 to win Super Bowl 50 at Levi's Stadium."),
+            Passage("p1", "Other", "Something else entirely, with a few more words in it.")]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +44,7 @@ def test_fair_shares_water_filling() -> None:
 
 
 def test_copy_source_truncation_shares_the_budget(tok) -> None:  # type: ignore[no-untyped-def]
-    long_p = [("A", "alpha " * 200), ("B", "beta " * 200)]
+    long_p = [Passage("a", "A", "alpha " * 200), Passage("b", "B", "beta " * 200)]
     src = build_copy_source(tok, "what is alpha?", long_p, max_source=64, max_question=48)
     assert len(src.ids) == 64
     kept = [sum(1 for p, _, _ in src.spans if p == i) for i in (0, 1)]
@@ -74,7 +70,8 @@ def test_copy_target_is_the_passage_tokens(tok) -> None:  # type: ignore[no-unty
 
 def test_prompt_template_and_truncation(tok) -> None:  # type: ignore[no-untyped-def]
     prompt, cut = render_prompt("question: {question}\ncontext: {context}\nanswer:", "who won?",
-                                [("A_b", "one two three " * 50), ("C", "short text")], tok,
+                                [Passage("a", "A_b", "one two three " * 50),
+                                 Passage("c", "C", "short text")], tok,
                                 max_source=64, max_question=48)
     assert prompt.startswith("question: who won?\ncontext: A b: one two")
     assert "C: short text" in prompt and prompt.endswith("\nanswer:") and not cut
@@ -135,7 +132,7 @@ def test_copy_model_learns_to_copy_and_constrained_decoding_snaps(tiny_bert_dir:
 def test_constrained_decoding_only_emits_passage_spans(tiny_bert_dir: Path) -> None:
     g = copy_gen(tiny_bert_dir)  # untrained: anything it says must still be a passage span
     preds = g.answer([Example("who won?", PASSAGES), Example("what?", PASSAGES[1:])])
-    texts = [t for _, t in PASSAGES]
+    texts = [p.text for p in PASSAGES]
     for p in preds:
         assert p.answer and any(p.answer in t for t in texts)
 
@@ -178,14 +175,46 @@ def test_causal_loss_is_masked_to_the_answer(tmp_path: Path, tiny_bert_dir: Path
         labelled = b["labels"][i][b["labels"][i] != -100].tolist()
         assert labelled == [*e["tgt"], g.tok.eos_token_id]  # the answer and eos, nothing else
     # the loss equals the hand-computed cross-entropy over exactly those tokens
-    logits = g.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    logits = g.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                     position_ids=b["position_ids"]).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1)
     y = b["labels"][:, 1:]
     m = y != -100
     manual = -lp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)[m].mean()
     assert math.isclose(float(g.loss(b)), float(manual), rel_tol=1e-4)
-    preds = g.answer(exs, batch_size=2)
-    assert len(preds) == 2 and all(isinstance(p.answer, str) for p in preds)
+
+
+def trained_causal(tmp_path: Path, tiny_bert_dir: Path, exs: list[Example]) -> Generator:
+    """A tiny causal generator after 40 steps on ``exs`` (one batch)."""
+    torch.manual_seed(0)
+    g = Generator.from_pretrained(GeneratorConfig(kind="causal", model_name=str(
+        causal_dir(tmp_path, tiny_bert_dir)), max_source_tokens=64, max_answer_tokens=8))
+    b = g.collate([g.encode(e) for e in exs])
+    opt = torch.optim.AdamW(g.model.parameters(), lr=1e-2)
+    g.model.train()
+    for _ in range(40):
+        opt.zero_grad()
+        g.loss(b).backward()
+        opt.step()
+    return g
+
+
+def test_causal_model_trained_on_an_example_answers_it(tmp_path: Path,
+                                                       tiny_bert_dir: Path) -> None:
+    """End to end for the causal kind: prompt, answer-only labels, generate, the prompt cut
+    from the output, decoding (the tokenizer is uncased: the lower-cased reference)."""
+    ex = Example("who won?", PASSAGES, "Denver Broncos")
+    g = trained_causal(tmp_path, tiny_bert_dir, [ex])
+    assert [p.answer for p in g.answer([ex])] == ["denver broncos"]
+
+
+def test_causal_model_answers_the_left_padded_rows_it_was_trained_on(
+        tmp_path: Path, tiny_bert_dir: Path) -> None:
+    exs = [Example("who won?", PASSAGES, "Denver Broncos"),
+           Example("where?", PASSAGES[:1], "Levi's Stadium")]  # shorter: left-padded
+    g = trained_causal(tmp_path, tiny_bert_dir, exs)
+    assert [p.answer for p in g.answer(exs, batch_size=2)] == ["denver broncos",
+                                                              "levi ' s stadium"]
 
 
 def test_seq2seq_loss_is_masked_to_the_answer(tmp_path: Path, tiny_bert_dir: Path) -> None:
@@ -204,7 +233,8 @@ def test_seq2seq_loss_is_masked_to_the_answer(tmp_path: Path, tiny_bert_dir: Pat
     assert math.isclose(float(g.loss(b)), float(manual), rel_tol=1e-4)
     g.save(tmp_path / "saved")
     again = Generator.load(tmp_path / "saved")
-    assert [p.answer for p in again.answer(exs)] == [p.answer for p in g.answer(exs)]
+    assert again.answer(exs) == g.answer(exs)  # answers and their scores
+    assert isinstance(g, Seq2SeqBackend) and isinstance(again, Seq2SeqBackend)
 
 
 def test_save_load_round_trip_and_tokenizer_mismatch(tmp_path: Path,
@@ -216,6 +246,8 @@ def test_save_load_round_trip_and_tokenizer_mismatch(tmp_path: Path,
     assert not list((tmp_path / "gen").rglob("*.bin")) and not list((tmp_path / "gen").rglob(
         "*.pkl"))
     again = Generator.load(tmp_path / "gen")
+    assert isinstance(again, CopyBackend)
+    assert torch.equal(again.model.lm_bias, g.model.lm_bias)
     assert again.answer(exs)[0] == g.answer(exs)[0]
     # a tokenizer with another vocabulary does not fit this checkpoint
     import json
@@ -232,9 +264,18 @@ def test_save_load_round_trip_and_tokenizer_mismatch(tmp_path: Path,
 
 def test_positions_beyond_the_model_are_refused(tiny_bert_dir: Path) -> None:
     with pytest.raises(GeneratorError, match="exceeds the model's 128 positions"):
-        copy_gen(tiny_bert_dir, max_question_tokens=48).__class__.from_pretrained(
-            GeneratorConfig(model_name=str(tiny_bert_dir), max_source_tokens=120,
-                            max_answer_tokens=16))
+        Generator.from_pretrained(GeneratorConfig(model_name=str(tiny_bert_dir),
+                                                  max_source_tokens=120, max_answer_tokens=16))
+
+
+def test_each_kind_has_its_backend() -> None:
+    from ragtrain.generation.generator import backend
+
+    assert backend("copy") is CopyBackend
+    assert backend("seq2seq") is Seq2SeqBackend
+    assert backend("causal") is CausalBackend
+    with pytest.raises(GeneratorError, match="generator kind 'rag'"):
+        backend("rag")
 
 
 def test_length_grouped_batches_cover_every_example_once() -> None:
@@ -244,11 +285,14 @@ def test_length_grouped_batches_cover_every_example_once() -> None:
 
     enc = [{"ids": [0] * n, "k": i} for i, n in enumerate(random.Random(1).choices(
         range(5, 300), k=103))]
-    out = length_grouped(enc, 8, random.Random(0), pool=4)
+    def length(e: dict) -> int:
+        return len(e["ids"])
+
+    out = length_grouped(enc, 8, random.Random(0), length=length, pool=4)
     assert sorted(e["k"] for e in out) == list(range(103))
     full = [out[i:i + 8] for i in range(0, 96, 8)]
     # within a batch the lengths are close: sorted pools of 32 examples cut into 4 batches
     spread = sum(max(len(e["ids"]) for e in b) - min(len(e["ids"]) for e in b) for b in full)
     assert spread < 0.5 * sum(max(len(e["ids"]) for e in enc[i:i + 8]) - min(
         len(e["ids"]) for e in enc[i:i + 8]) for i in range(0, 96, 8))
-    assert out == length_grouped(enc, 8, random.Random(0), pool=4)  # deterministic
+    assert out == length_grouped(enc, 8, random.Random(0), length=length, pool=4)  # same order

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ragtrain.data.corpus import Passage
 from ragtrain.generation.reader import Reader, ReaderConfig, best_span, locate_answer, train_reader
 
 TEXT = ("The Denver Broncos defeated the Carolina Panthers 24–10 to win Super Bowl 50 at "
@@ -55,7 +56,7 @@ def test_train_features_point_at_the_answer_in_every_window(tiny_bert_dir: Path)
 
 def test_reader_learns_spans_and_answers_with_the_passage_text(tmp_path: Path,
                                                                tiny_bert_dir: Path) -> None:
-    corpus = {"p": ("Super_Bowl_50", TEXT)}
+    corpus = {"p": Passage("p", "Super_Bowl_50", TEXT)}
     rows = [{"question": "who won?", "answers": ["Denver Broncos"], "gold_passage_ids": ["p"]},
             {"question": "where was it?", "answers": ["Levi's Stadium"],
              "gold_passage_ids": ["p"]}]
@@ -77,4 +78,4 @@ def test_reader_refuses_training_without_locatable_answers(tmp_path: Path,
     r = reader(tiny_bert_dir)
     with pytest.raises(ValueError, match="no training feature"):
         train_reader(r, [{"question": "q", "answers": ["absent"], "gold_passage_ids": ["p"]}],
-                     {"p": ("t", TEXT)}, seed=0, ckpt_dir=tmp_path, progress=False)
+                     {"p": Passage("p", "t", TEXT)}, seed=0, ckpt_dir=tmp_path, progress=False)

@@ -17,23 +17,20 @@ from typing import Any
 
 from ragtrain import runtime
 from ragtrain.config import RetrieverConfig, config_from_dict, to_dict
+from ragtrain.data.corpus import Corpus
 from ragtrain.errors import IndexMismatchError, RagtrainError
-from ragtrain.generation.generator import Example, Generator, Passage
-from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file
+from ragtrain.generation.generator import Example, Generator
+from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 from ragtrain.retrieval.search import Retriever
 
 MANIFEST = "rag.json"
-
-
-def load_corpus(path: Path) -> dict[str, Passage]:
-    return {r["passage_id"]: (r.get("title", ""), r["text"]) for r in read_jsonl(path)}
 
 
 @dataclass
 class RAGModel:
     retriever: Retriever
     generator: Generator
-    corpus: dict[str, Passage]
+    corpus: Corpus
     top_k: int
     precision: str = "auto"
     manifest: dict[str, Any] | None = None
@@ -45,7 +42,7 @@ class RAGModel:
         corpus_sha = sha256_file(corpus_path)
         retriever = Retriever.load(rc.kind, rc, encoder_dir=encoder_dir, index_dir=index_dir,
                                    bm25_dir=bm25_dir, corpus_sha256=corpus_sha)
-        return cls(retriever, Generator.load(generator_dir), load_corpus(corpus_path), rc.top_k,
+        return cls(retriever, Generator.load(generator_dir), Corpus.load(corpus_path), rc.top_k,
                    precision)
 
     @classmethod
@@ -87,8 +84,8 @@ class RAGModel:
             out.append({
                 "question": q, "answer": p.answer, "answer_score": p.score,
                 "answer_passage": h[p.passage][0] if 0 <= p.passage < len(h) else None,
-                "passages": [{"id": pid, "title": self.corpus[pid][0],
-                              "text": self.corpus[pid][1], "score": s} for pid, s in h]})
+                "passages": [{"id": pid, "title": self.corpus[pid].title,
+                              "text": self.corpus[pid].text, "score": s} for pid, s in h]})
         return out
 
 

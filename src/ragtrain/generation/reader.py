@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ragtrain import runtime
+from ragtrain.data.corpus import Passage
 from ragtrain.evaluation.answers import score_answers
-from ragtrain.generation.generator import Passage
 from ragtrain.generation.training import length_grouped
-from ragtrain.models import _hub_error, resolve_model_path
+from ragtrain.models import model_load_error, resolve_model_path
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 
 
@@ -99,7 +99,7 @@ class Reader:
             model = AutoModelForQuestionAnswering.from_pretrained(
                 path, attention_probs_dropout_prob=0.0)
         except OSError as e:
-            raise _hub_error(cfg.model_name, e) from None
+            raise model_load_error(cfg.model_name, e) from None
         return cls(cfg, model, tok)
 
     def new_param_prefixes(self) -> tuple[str, ...]:
@@ -199,7 +199,7 @@ def train_reader(reader: Reader, rows: Sequence[Mapping[str, Any]],
     seed. Questions whose answers do not occur in the gold passage are skipped."""
     cfg = reader.cfg
     feats = [f for r in rows if r.get("gold_passage_ids")
-             for f in reader.train_features(r["question"], corpus[r["gold_passage_ids"][0]][1],
+             for f in reader.train_features(r["question"], corpus[r["gold_passage_ids"][0]].text,
                                             r.get("answers") or [])]
     if not feats:
         raise ValueError("no training feature: no reference answer occurs in a gold passage")

@@ -18,8 +18,9 @@ import torch
 
 from ragtrain import runtime
 from ragtrain.config import GeneratorConfig
+from ragtrain.data.corpus import Passage
 from ragtrain.evaluation.answers import score_answers
-from ragtrain.generation.generator import Example, Generator, Passage, Prediction
+from ragtrain.generation.generator import Example, Generator, Prediction
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 
 
@@ -46,12 +47,8 @@ def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Seq
     return out
 
 
-def _length(encoded: Mapping[str, Any]) -> int:
-    return len(encoded["src"].ids) if "src" in encoded else len(encoded["ids"])
-
-
 def length_grouped(encoded: list[dict[str, Any]], batch_size: int, rng: random.Random,
-                   pool: int = 50, length: Callable[[Mapping[str, Any]], int] = _length
+                   length: Callable[[dict[str, Any]], int], pool: int = 50
                    ) -> list[dict[str, Any]]:
     """Reorder (already shuffled) examples so each batch holds similar lengths (less padding):
     within pools of ``pool`` batches, sort by length and cut into batches; then shuffle the
@@ -117,7 +114,8 @@ def train_generator(
             rows = [train_rows[i] for i in order]
             exs = make_examples(rows, retrieved, corpus, top_k, gold_share=cfg.gold_share,
                                 rng=rng)
-            epochs[e] = length_grouped([gen.encode(x) for x in exs], bs, rng)
+            epochs[e] = length_grouped([gen.encode(x) for x in exs], bs, rng,
+                                       length=gen.source_length)
         return epochs[e]
 
     def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
