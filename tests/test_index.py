@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,7 +252,12 @@ def test_device_resolution_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fingerprint_state_dict() -> None:
     a = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
     fp = ix.fingerprint_state_dict(a)
-    assert len(fp) == 64
+    # by hand: names sorted ("b" before "w"), each as name, dtype, shape, then its raw bytes
+    h = hashlib.sha256()
+    for name in ("b", "w"):
+        t = a[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode() + t.numpy().tobytes())
+    assert fp == h.hexdigest()
     assert fp == ix.fingerprint_state_dict(dict(reversed(list(a.items()))))  # order-free
     changed = {**a, "b": torch.tensor([0.0, 0.0, 1e-7])}
     assert ix.fingerprint_state_dict(changed) != fp
@@ -259,7 +265,8 @@ def test_fingerprint_state_dict() -> None:
     assert ix.fingerprint_state_dict({**a, "b": torch.zeros(3, dtype=torch.float64)}) != fp
     assert ix.fingerprint_state_dict({"w2": a["w"], "b": a["b"]}) != fp  # names count
     bf16 = ix.fingerprint_state_dict({"x": torch.ones(2, dtype=torch.bfloat16)})
-    assert len(bf16) == 64
+    # bfloat16 1.0 is 0x3F80, stored little-endian (numpy has no bfloat16 to do this for us)
+    assert bf16 == hashlib.sha256(b"x\0torch.bfloat16\0(2,)\0" + b"\x80\x3f" * 2).hexdigest()
 
 
 def test_sha256_file(tmp_path: Path) -> None:

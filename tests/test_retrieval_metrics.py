@@ -5,7 +5,8 @@ import math
 import pytest
 
 from ragtrain.errors import RetrievalError
-from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval, normalize_answer
+from ragtrain.evaluation.answers import normalize_answer
+from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,12 @@ import torch
 
 from ragtrain import trainer
 from ragtrain.config import RetrieverConfig
+from ragtrain.data.corpus import Corpus, Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.retrieval import losses
 from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, encode, pool
 from ragtrain.retrieval.mining import mine_hard_negatives
-from ragtrain.retrieval.training import Corpus, exact_search, train_retriever
+from ragtrain.retrieval.training import exact_search, train_retriever
 
 # ----------------------------------------------------------------- losses
 
@@ -48,7 +50,10 @@ def test_false_negative_mask_removes_other_gold_columns() -> None:
     p = torch.eye(3)
     masked = losses.in_batch_nll_loss(q, p, torch.tensor([0, 1]), 1.0, mask)
     unmasked = losses.in_batch_nll_loss(q, p, torch.tensor([0, 1]), 1.0)
-    assert masked < unmasked
+    # query 0 loses column 2 from its softmax: -log(e / (e + 1)); query 1: -log(e / (e + 2))
+    e = math.e
+    assert masked.item() == pytest.approx((math.log(e + 1) + math.log(e + 2)) / 2 - 1)
+    assert unmasked.item() == pytest.approx(math.log(e + 2) - 1)
 
 
 def test_cosine_loss_value_gradient_and_collapse() -> None:
@@ -61,6 +66,19 @@ def test_cosine_loss_value_gradient_and_collapse() -> None:
     # the weakness: a collapsed encoder (all embeddings equal) reaches the minimum, 0
     same = torch.ones(4, 3)
     assert losses.cosine_loss(same, same).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_losses_are_looked_up_by_name() -> None:
+    assert losses.get_loss("in_batch_nll").fn is losses.in_batch_nll_loss
+    assert losses.get_loss("in_batch_nll").uses_negatives
+    cos = losses.get_loss("cosine")
+    assert not cos.uses_negatives
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    # targets pick the gold columns: cos(q0, p2) = 0, cos(q1, p1) = 0.8 -> mean(1 - cos) = 0.6
+    assert cos.fn(q, p, torch.tensor([2, 1]), 0.05, None).item() == pytest.approx(0.6)
+    with pytest.raises(ValueError, match=r"unknown loss 'triplet' \(known: cosine, in_batch_nll"):
+        losses.get_loss("triplet")
 
 
 def test_pool_mean_ignores_padding_and_cls() -> None:
@@ -98,7 +116,7 @@ def test_exact_search_matches_bruteforce() -> None:
     scores, top = exact_search(q, p, ids, 5)
     brute = np.argsort(-(q @ p.T), axis=1)[:, :5]
     assert top == [[ids[j] for j in row] for row in brute]
-    assert np.all(np.diff(scores, axis=1) <= 0)
+    np.testing.assert_array_equal(scores, np.take_along_axis(q @ p.T, brute, axis=1))
 
 
 def test_encode_sorted_batches_equal_one_by_one(tiny_bert_dir: Path) -> None:
@@ -143,7 +161,7 @@ def _toy(tmp_path: Path) -> tuple[Corpus, list[dict], list[dict]]:
     topics = ["apple", "river", "castle", "violin", "rocket", "garden", "pirate", "glacier"]
     ids = [f"p{i}" for i in range(len(topics))]
     texts = [f"A passage about the {t} and more about the {t}." for t in topics]
-    corpus = Corpus(ids, texts, dict(zip(ids, texts, strict=True)))
+    corpus = Corpus([Passage(i, "", t) for i, t in zip(ids, texts, strict=True)])
     rows = [{"id": f"q{i}{j}", "question": f"{w} question {t}?", "answers": [t],
              "gold_passage_ids": [ids[i]]}
             for i, t in enumerate(topics) for j, w in enumerate(["what", "which"])]

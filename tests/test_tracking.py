@@ -1,4 +1,4 @@
-"""tracking.py against a real MLflow sqlite store under tmp (no mocks of MLflow)."""
+"""ragtrain.tracking against a real MLflow sqlite store under tmp (no mocks of MLflow)."""
 
 from __future__ import annotations
 
@@ -284,10 +284,28 @@ M = "dev/recall_at_5"
 )
 def test_should_promote(new, current, kwargs, promote: bool, words: list[str]) -> None:
     d = should_promote(new, current, metric=M, **kwargs)
-    assert isinstance(d, Decision)
     assert d.promote is promote, d.reason
     for w in words:
         assert w in d.reason, (w, d.reason)
+
+
+@pytest.mark.parametrize(
+    ("new", "current", "kwargs", "want"),
+    [
+        (0.80, 0.75, {"min_gain": 0.02}, Decision(True, (
+            f"promoted: new {M} = 0.8 vs champion 0.75 (higher is better): gain +0.05, "
+            "needs > 0.02"))),
+        (2.5, 2.0, {"greater_is_better": False}, Decision(False, (
+            f"refused: new {M} = 2.5 vs champion 2 (lower is better): gain -0.5, needs > 0"))),
+        (0.4, None, {"floor": 0.5}, Decision(False, (
+            f"refused: new {M} = 0.4 does not meet the floor 0.5 (higher is better)"))),
+        (0.6, None, {"floor": 0.5}, Decision(True, (
+            f"promoted: no current champion; new {M} = 0.6, which meets the floor 0.5"))),
+    ],
+)
+def test_should_promote_reason_in_full(new: float, current: float | None, kwargs, want) -> None:
+    champion = None if current is None else {M: current}
+    assert should_promote({M: new}, champion, metric=M, **kwargs) == want
 
 
 def test_should_promote_rejects_negative_min_gain() -> None:
@@ -298,7 +316,7 @@ def test_should_promote_rejects_negative_min_gain() -> None:
 # --------------------------------------------------------------------------- registry
 
 
-def test_register_alias_and_version_metrics_round_trip(store, mc, tmp_path: Path) -> None:
+def test_register_alias_and_tags_round_trip(store, mc, tmp_path: Path) -> None:
     cfg, root = store
     model = tmp_path / "model"
     model.mkdir()
@@ -317,8 +335,9 @@ def test_register_alias_and_version_metrics_round_trip(store, mc, tmp_path: Path
     assert tracking.get_alias(cfg, "no-such-model", "champion", root=root) is None
     tracking.set_alias(cfg, "retriever", "champion", "1", root=root)
     assert tracking.get_alias(cfg, "retriever", "champion", root=root) == "1"
-    assert tracking.version_metrics(cfg, "retriever", "1", root=root) == {M: 0.7}
-    assert tracking.version_metrics(cfg, "retriever", "2", root=root) == {M: 0.8}
+    for version, score in (("1", 0.7), ("2", 0.8)):
+        run_id = mc.get_model_version("retriever", version).run_id
+        assert mc.get_run(run_id).data.metrics == {M: score}
     tracking.set_alias(cfg, "retriever", "champion", "2", root=root)
     assert tracking.get_alias(cfg, "retriever", "champion", root=root) == "2"
     tracking.tag_version(cfg, "retriever", "2", {"promoted_over": 1}, root=root)

@@ -29,7 +29,8 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _hub_error(name: str, e: Exception) -> RagtrainError:
+def model_load_error(name: str, e: Exception) -> RagtrainError:
+    """The one-line error for model ``name`` that failed to load with ``e``, with what to do."""
     return RagtrainError(
         f"model {name!r}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0]}). "
         "Offline, use the bundled 'all-MiniLM-L6-v2' or a local folder; online, check the "
@@ -44,4 +45,4 @@ def load_tokenizer(name: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise _hub_error(name, e) from None
+        raise model_load_error(name, e) from None

@@ -6,12 +6,32 @@ from __future__ import annotations
 
 import collections
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from ragtrain.retrieval.metrics import _contains, normalize_answer
-
 METRIC_MODULE = Path(__file__).parent / "rag_qa"  # the `evaluate` module, by path
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD v1.1 evaluate).
+
+    The one answer normaliser: answer metrics here, and answer matching in retrieval metrics
+    and hard-negative mining (``retrieval.metrics.answer_in_passage``).
+    """
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def contains_tokens(tokens: Sequence[str], sub: Sequence[str]) -> bool:
+    """True if ``sub`` occurs as a contiguous run of ``tokens`` (whole tokens, not substrings)."""
+    n = len(sub)
+    return any(tokens[i : i + n] == sub for i in range(len(tokens) - n + 1))
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -33,7 +53,7 @@ def f1(prediction: str, reference: str) -> float:
 def contains(prediction: str, reference: str) -> float:
     """Accuracy: the normalised reference occurs (as whole tokens) in the normalised prediction."""
     r = normalize_answer(reference).split()
-    return float(bool(r) and _contains(normalize_answer(prediction).split(), r))
+    return float(bool(r) and contains_tokens(normalize_answer(prediction).split(), r))
 
 
 def score_one(prediction: str, references: Sequence[str]) -> dict[str, float]:

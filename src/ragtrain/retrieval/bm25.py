@@ -20,6 +20,7 @@ import numpy as np
 
 from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
 from ragtrain.io import atomic_path, atomic_write_json
+from ragtrain.retrieval.checks import check_int
 
 META_FILE = "meta.json"
 BM25_DIR = "bm25s"  # bm25s' own files live in this sub-folder
@@ -164,9 +165,7 @@ class BM25Retriever:
         """Top-k passages per query: scores ``# (n_queries, k)`` and ids, ties broken by id."""
         queries = _check_texts(queries, "bm25 queries")
         n = len(self.passage_ids)
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
-            raise RetrievalError(f"k: must be an integer between 1 and {n} (passages), got {k!r}")
-        k = int(k)
+        k = check_int("k", k, hi=n, unit="passages")
         out_scores = np.empty((len(queries), k), dtype=np.float32)  # (n_queries, k)
         out_ids: list[list[str]] = []
         for qi, query in enumerate(queries):

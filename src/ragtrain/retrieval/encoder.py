@@ -8,6 +8,7 @@ index to the encoder that built it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ragtrain.config import RetrieverConfig
+from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path
-from ragtrain.models import _hub_error, resolve_model_path
+from ragtrain.models import model_load_error, resolve_model_path
 
 SPEC_FILE = "retriever.json"
 
@@ -89,7 +91,7 @@ class BiEncoder(torch.nn.Module):
             q = AutoModel.from_pretrained(path)
             p = None if spec.shared_encoder else AutoModel.from_pretrained(path)
         except OSError as e:
-            raise _hub_error(spec.base_model, e) from None
+            raise model_load_error(spec.base_model, e) from None
         return cls(Tower(q, spec.pooling), Tower(p, spec.pooling) if p is not None else None,
                    tok, spec).eval()
 
@@ -196,3 +198,8 @@ def passage_input(title: str, text: str) -> str:
     """What the encoders and BM25 see of a passage: its title, then its text."""
     title = title.replace("_", " ").strip()
     return f"{title}. {text}" if title else text
+
+
+def passage_inputs(passages: Iterable[Passage]) -> list[str]:
+    """The encoders' input text of each passage (``passage_input``), in order."""
+    return [passage_input(p.title, p.text) for p in passages]

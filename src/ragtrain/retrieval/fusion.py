@@ -13,12 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ragtrain.errors import RetrievalError
-
-
-def _check_top_k(top_k: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
-        raise RetrievalError(f"top_k: must be an integer >= 1, got {top_k!r}")
-    return int(top_k)
+from ragtrain.retrieval.checks import check_int
 
 
 def _top(fused: list[dict[str, float]], top_k: int) -> tuple[np.ndarray, list[list[str]]]:
@@ -40,9 +35,8 @@ def reciprocal_rank_fusion(
     of passage d is ``sum_r 1 / (k + rank_r(d))`` with ranks starting at 1; a retriever that did
     not return d adds nothing. A passage repeated within one list counts once, at its best rank.
     """
-    top_k = _check_top_k(top_k)
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-        raise RetrievalError(f"rrf k: must be an integer >= 0, got {k!r}")
+    top_k = check_int("top_k", top_k)
+    k = check_int("rrf k", k, lo=0)
     fused: list[dict[str, float]] = []
     for qi, per_retriever in enumerate(rankings):
         if isinstance(per_retriever, str) or not per_retriever:
@@ -104,7 +98,7 @@ def weighted_score_fusion(
     passage missing from a list gets 0 from it. Scores are ``# (n_queries, k)``; an id list may
     be shorter than k (the extra scores, e.g. ``-inf`` padding, are ignored).
     """
-    top_k = _check_top_k(top_k)
+    top_k = check_int("top_k", top_k)
     w = float(dense_weight)
     if not 0.0 <= w <= 1.0:
         raise RetrievalError(f"dense_weight: must be in [0, 1], got {dense_weight!r}")

@@ -38,6 +38,7 @@ import numpy as np
 from ragtrain.config import IndexConfig
 from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
+from ragtrain.retrieval.checks import check_int
 
 if TYPE_CHECKING:
     import torch
@@ -347,9 +348,7 @@ def search(idx: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, li
             f"{idx.meta.dim}; encode queries with the encoder that built the index"
         )
     n = len(idx.passage_ids)
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n:
-        raise RetrievalError(f"k: must be an integer between 1 and {n} (passages), got {k!r}")
-    k = int(k)
+    k = check_int("k", k, hi=n, unit="passages")
     use_gpu = idx.gpu_index is not None and k <= GPU_MAX_K
     scores, rows = (idx.gpu_index if use_gpu else idx.index).search(q, k)  # (n_queries, k)
     scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)

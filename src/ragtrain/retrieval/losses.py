@@ -1,13 +1,56 @@
-"""Retriever losses: pure functions of embeddings (the model runs elsewhere)."""
+"""Retriever losses: pure functions of embeddings (the model runs elsewhere), looked up by name.
+
+``retriever.loss`` names an entry of ``LOSSES``; the trainer looks it up there and never branches
+on the name. A new loss is a function ``(q, p, targets, temperature, mask) -> Tensor`` decorated
+with ``@register_loss("name")`` (and its name added to ``RetrieverConfig.loss``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+# (q (B, d), p (P, d), targets (B,), temperature, mask (B, P) or None) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None],
+                  torch.Tensor]
 
+
+@dataclass(frozen=True)
+class Loss:
+    """A registered loss and which passage columns it scores."""
+
+    fn: LossFn
+    # True: the columns are the batch's passages then its hard negatives, with false negatives
+    # masked; False: the batch's passages alone (no negatives are encoded).
+    uses_negatives: bool
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(name: str, *, uses_negatives: bool = True) -> Callable[[LossFn], LossFn]:
+    """Decorator: make ``fn`` the loss that ``retriever.loss: name`` selects."""
+    def add(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = Loss(fn, uses_negatives)
+        return fn
+    return add
+
+
+def get_loss(name: str) -> Loss:
+    """The loss registered as ``name``; a ValueError naming the known ones otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"retriever.loss: unknown loss {name!r} (known: "
+                         f"{', '.join(sorted(LOSSES))})") from None
+
+
+@register_loss("in_batch_nll")
 def in_batch_nll_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
                       temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Contrastive loss with in-batch (and hard) negatives, as in DPR / MNRL.
@@ -27,6 +70,13 @@ def cosine_loss(q: torch.Tensor, p_gold: torch.Tensor) -> torch.Tensor:
     """``L = mean(1 - cos(e_q, e_gold))``: pulls pairs together but never pushes anything apart,
     so alone it can collapse (every embedding the same gives L = 0); see the retriever notes."""
     return (1 - F.cosine_similarity(q.float(), p_gold.float(), dim=-1)).mean()
+
+
+@register_loss("cosine", uses_negatives=False)
+def cosine_target_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
+                       temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``cosine_loss`` of each query with its target column; temperature and mask unused."""
+    return cosine_loss(q, p[targets])
 
 
 def false_negative_mask(gold: Sequence[set[str]], columns: Sequence[str],

@@ -8,28 +8,12 @@ was retrieved (the list is not padded), so ``recall_at_100`` over 20 retrieved p
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ragtrain.errors import RetrievalError
-
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD v1.1 evaluate)."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def _contains(tokens: Sequence[str], sub: Sequence[str]) -> bool:
-    n = len(sub)
-    return any(tokens[i : i + n] == sub for i in range(len(tokens) - n + 1))
+from ragtrain.evaluation.answers import contains_tokens, normalize_answer
+from ragtrain.retrieval.checks import check_int
 
 
 def answer_in_passage(answers: Sequence[str], passage: str) -> bool:
@@ -41,15 +25,18 @@ def answer_in_passage(answers: Sequence[str], passage: str) -> bool:
     tokens = normalize_answer(passage).split()
     for answer in answers:
         sub = normalize_answer(answer).split()
-        if sub and _contains(tokens, sub):
+        if sub and contains_tokens(tokens, sub):
             return True
     return False
 
 
-def _check_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise RetrievalError(f"{name}: must be an integer >= 1, got {v!r}")
-    return v
+def _add_hits(row: dict[str, Any], sums: dict[str, float], metric: str, rank: int | None,
+              ks: Sequence[int]) -> None:
+    """Record ``{metric}_at_{k}`` (1-based ``rank`` <= k) on the row and add it to the sums."""
+    for k in ks:
+        hit = rank is not None and rank <= k
+        row[f"{metric}_at_{k}"] = hit
+        sums[f"{metric}_at_{k}"] += hit
 
 
 def evaluate_retrieval(
@@ -83,10 +70,10 @@ def evaluate_retrieval(
         raise RetrievalError("evaluate_retrieval: no questions")
     if len(gold_ids) != n:
         raise RetrievalError(f"evaluate_retrieval: {n} ranked lists but {len(gold_ids)} gold lists")
-    ks = [_check_int("ks", k) for k in ks]
+    ks = [check_int("ks", k) for k in ks]
     if not ks:
         raise RetrievalError("ks: must name at least one k")
-    c = _check_int("rank_cutoff", rank_cutoff)
+    c = check_int("rank_cutoff", rank_cutoff)
     use_answers = passages is not None and answers is not None
     if (passages is None) != (answers is None):
         raise RetrievalError("evaluate_retrieval: pass both passages and answers, or neither")
@@ -115,10 +102,7 @@ def evaluate_retrieval(
             dcg = sum(1.0 / math.log2(i + 1) for i, pid in enumerate(ranked[:c], 1) if pid in gold)
             idcg = sum(1.0 / math.log2(i + 1) for i in range(1, min(len(gold), c) + 1))
             row["gold_rank"] = rank
-            for k in ks:
-                hit = rank is not None and rank <= k
-                row[f"recall_at_{k}"] = hit
-                sums[f"recall_at_{k}"] += hit
+            _add_hits(row, sums, "recall", rank, ks)
             row[f"rr_at_{c}"] = rr
             row[f"ndcg_at_{c}"] = dcg / idcg
             sums[f"mrr_at_{c}"] += rr
@@ -135,10 +119,7 @@ def evaluate_retrieval(
                     first = i
                     break
             row["answer_rank"] = first
-            for k in ks:
-                hit = first is not None and first <= k
-                row[f"answer_recall_at_{k}"] = hit
-                ans_sums[f"answer_recall_at_{k}"] += hit
+            _add_hits(row, ans_sums, "answer_recall", first, ks)
         rows.append(row)
 
     metrics: dict[str, float] = {f"{split}/n_questions": float(n),

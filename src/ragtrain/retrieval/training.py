@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -16,46 +15,17 @@ import torch
 
 from ragtrain import runtime, trainer
 from ragtrain.config import RetrieverConfig
+from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
-from ragtrain.io import read_jsonl
 from ragtrain.retrieval import losses
-from ragtrain.retrieval.encoder import BiEncoder, passage_input
+from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
 from ragtrain.retrieval.metrics import evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
-
-
-@dataclass(frozen=True)
-class Corpus:
-    ids: list[str]
-    texts: list[str]  # what the encoders see: title + text
-    raw: dict[str, str]  # passage text alone, for answer matching
-
-    @classmethod
-    def load(cls, path: Path) -> Corpus:
-        rows = read_jsonl(path)
-        if not rows:
-            raise DataError(f"{path}: empty corpus (no passages)")
-        return cls([r["passage_id"] for r in rows],
-                   [passage_input(r.get("title", ""), r["text"]) for r in rows],
-                   {r["passage_id"]: r["text"] for r in rows})
-
-    @functools.cached_property
-    def by_id(self) -> dict[str, str]:
-        return dict(zip(self.ids, self.texts, strict=True))
 
 
 def labelled(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Questions that have a gold passage (unlabelled ones cannot train or score retrieval)."""
     return [r for r in rows if r["gold_passage_ids"]]
-
-
-def check_gold_ids(rows: Sequence[dict[str, Any]], corpus: Corpus, where: str) -> None:
-    known = set(corpus.ids)
-    for r in rows:
-        for g in r["gold_passage_ids"]:
-            if g not in known:
-                raise DataError(f"{where}: question {r['id']!r} names gold passage {g!r}, which "
-                                "is not in the corpus; rerun `ragtrain prepare`")
 
 
 def exact_search(q: np.ndarray, p: np.ndarray, ids: Sequence[str],
@@ -76,7 +46,7 @@ def evaluate_dense(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, An
     """Exact dense retrieval metrics of ``model`` on labelled ``rows`` over the whole corpus."""
     with runtime.autocast(bf16):
         p = passage_emb if passage_emb is not None else model.encode_passages(
-            corpus.texts, batch_size)
+            passage_inputs(corpus.passages), batch_size)
         q = model.encode_queries([r["question"] for r in rows], batch_size)
     _, ranked = exact_search(q, p, corpus.ids, max(max(ks), cutoff))
     metrics, _ = evaluate_retrieval(ranked, [r["gold_passage_ids"] for r in rows], ks=ks,
@@ -107,15 +77,15 @@ def mine(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]],
         if bm25 is None:
             raise ValueError("bm25 hard negatives need a BM25 index")
         _, ranked = bm25.search(questions, k)
-        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.raw, n))
+        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.text_by_id, n))
     if cfg.hard_negatives in ("dense", "both"):
         with runtime.autocast(bf16):
-            p = model.encode_passages(corpus.texts, 64)
+            p = model.encode_passages(passage_inputs(corpus.passages), 64)
             q = model.encode_queries(questions, 64)
         scores, ranked = exact_search(q, p, corpus.ids, k)
         pos = {pid: i for i, pid in enumerate(corpus.ids)}
         gold_scores = [max(float(q[i] @ p[pos[g]]) for g in gold[i]) for i in range(len(rows))]
-        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.raw, n,
+        pools.append(mine_hard_negatives(ranked, gold, answers, corpus.text_by_id, n,
                                          ranked_scores=scores, gold_scores=gold_scores,
                                          margin=cfg.hard_negative_margin))
     mixed = []
@@ -201,22 +171,21 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
                  negatives: Sequence[Sequence[str]], cfg: RetrieverConfig, *, seed: int,
                  bf16: bool | torch.dtype | None) -> Callable[[int], tuple[torch.Tensor, int]]:
     """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
-    text = corpus.by_id
+    text = dict(zip(corpus.ids, passage_inputs(corpus.passages), strict=True))
     gold = [set(r["gold_passage_ids"]) for r in rows]
     batches = Batches.build(rows, cfg, seed)
+    loss = losses.get_loss(cfg.loss)
 
     def loss_fn(i: int) -> tuple[torch.Tensor, int]:
         pids, idx, targets = batches(i)
+        columns, mask = pids, None
+        if loss.uses_negatives:  # the batch's passages first: targets index into them
+            columns = list(dict.fromkeys(pids + [n for j in idx for n in negatives[j]]))
+            mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
         with runtime.autocast(bf16):
             q = model.forward_queries([rows[j]["question"] for j in idx])
-            if cfg.loss == "cosine":
-                p = model.forward_passages([text[pid] for pid in pids])
-                return losses.cosine_loss(q, p[targets]), len(idx)
-            columns = list(dict.fromkeys(pids + [n for j in idx for n in negatives[j]]))
             p = model.forward_passages([text[c] for c in columns])
-        mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
-        loss = losses.in_batch_nll_loss(q, p, torch.tensor(targets), cfg.temperature, mask)
-        return loss, len(idx)
+        return loss.fn(q, p, torch.tensor(targets), cfg.temperature, mask), len(idx)
 
     return loss_fn
 

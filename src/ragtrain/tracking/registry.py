@@ -1,7 +1,7 @@
 """The model registry: register a pipeline run's RAG model, promote it, roll back.
 
-Orchestration over ``tracking.py`` (no mlflow import here). Three registered models per
-``registry.model_name`` (say ``ragtrain-rag``):
+Orchestration over ``tracking.model_registry`` (no mlflow import here). Three registered models
+per ``registry.model_name`` (say ``ragtrain-rag``):
 
 - ``ragtrain-rag``: the composite RAG model, an MLflow pyfunc around the self-contained bundle
   (questions in, answers with cited passages and scores out);
@@ -29,7 +29,7 @@ from typing import Any
 from ragtrain import tracking
 from ragtrain.config import RegistryConfig, TrackingConfig
 from ragtrain.errors import RegistryError
-from ragtrain.tracking import Decision
+from ragtrain.tracking.promotion import Decision
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -307,35 +307,6 @@ def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
 # --------------------------------------------------------------------------- re-score
 
 
-def read_scored_questions(path: Path) -> list[dict[str, Any]]:
-    """A JSONL file of ``{"question": str, "answers": [str, ...]}`` (what ``prepare`` writes
-    in data/prepared/{dev,test}.jsonl); every line is checked before any work."""
-    import json
-
-    from ragtrain.errors import DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-        q, a = (r.get("question"), r.get("answers")) if isinstance(r, dict) else (None, None)
-        if not isinstance(q, str) or not q.strip():
-            raise DataError(f"{path}:{n}: needs a non-empty string \"question\"")
-        if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
-            raise DataError(f"{path}:{n}: needs \"answers\", a non-empty list of strings")
-        rows.append(r)
-    if not rows:
-        raise DataError(f"{path}: no questions")
-    return rows
-
-
 def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path, *,
                      root: Path = Path("."), alias: str = CHAMPION, split: str = "test",
                      record: bool = True) -> tuple[str, dict[str, float]]:
@@ -345,10 +316,11 @@ def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path
     recorded ones, so a challenger evaluated on that file can be compared with it."""
     import tempfile
 
+    from ragtrain.data.questions import read_questions
     from ragtrain.evaluation.answers import score_answers
     from ragtrain.io import sha256_file
 
-    rows = read_scored_questions(questions)
+    rows = read_questions(questions, need_answers=True)
     with tempfile.TemporaryDirectory() as tmp:
         version, model = tracking.load_rag_model(tcfg, rcfg.model_name, alias, Path(tmp),
                                                  root=root)

@@ -1,0 +1,152 @@
+"""MLflow model registry calls: register versions, move aliases, tag, download and load them.
+
+The orchestration (register a RAG model, promote, roll back) is ``tracking.registry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragtrain.errors import TrackingError
+from ragtrain.tracking.runs import MAX_TAG_LEN, RunHandle, truncate_value
+from ragtrain.tracking.store import client, mlflow_errors, resolve_uri
+
+if TYPE_CHECKING:
+    from ragtrain.config import TrackingConfig
+
+
+def register_model(
+    cfg: TrackingConfig,
+    run_id: str,
+    artifact_path: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    *,
+    root: Path = Path("."),
+) -> str:
+    """Register the run's artifact folder ``artifact_path`` as a new version of ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    mc = client(cfg.uri, root)
+    with mlflow_errors(f"register {name!r} from run {run_id}"):
+        r = mc.get_run(run_id)
+        if not mc.list_artifacts(run_id, artifact_path):
+            raise TrackingError(
+                f"register {name!r}: run {run_id} has no artifacts under {artifact_path!r}"
+            )
+        try:
+            mc.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{r.info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
+        mv = mc.create_model_version(
+            name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
+    return str(mv.version)
+
+
+def set_alias(cfg: TrackingConfig, name: str, alias: str, version: str, *,
+              root: Path = Path(".")) -> None:
+    """Point ``name@alias`` at ``version`` (moving it if it pointed elsewhere)."""
+    with mlflow_errors(f"set alias {name}@{alias} -> {version}"):
+        client(cfg.uri, root).set_registered_model_alias(name, alias, str(version))
+
+
+def get_alias(cfg: TrackingConfig, name: str, alias: str, *,
+              root: Path = Path(".")) -> str | None:
+    """The version ``name@alias`` points at; None if the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    mc = client(cfg.uri, root)
+    try:
+        rm = mc.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise TrackingError(f"get alias {name}@{alias}: {e.message}") from e
+    v = (rm.aliases or {}).get(alias)
+    return None if v is None else str(v)
+
+
+def delete_alias(cfg: TrackingConfig, name: str, alias: str, *, root: Path = Path(".")) -> None:
+    """Remove ``name@alias``; a no-op when the model or the alias does not exist."""
+    if get_alias(cfg, name, alias, root=root) is None:
+        return
+    with mlflow_errors(f"delete alias {name}@{alias}"):
+        client(cfg.uri, root).delete_registered_model_alias(name, alias)
+
+
+def tag_version(cfg: TrackingConfig, name: str, version: str, tags: Mapping[str, Any], *,
+                root: Path = Path(".")) -> None:
+    """Set tags on one model version (values stringified)."""
+    mc = client(cfg.uri, root)
+    with mlflow_errors(f"tag {name} version {version}"):
+        for k, v in tags.items():
+            value = truncate_value(v, MAX_TAG_LEN, k, "tag")
+            mc.set_model_version_tag(name, str(version), k, value)
+
+
+def version_tags(cfg: TrackingConfig, name: str, version: str, *,
+                 root: Path = Path(".")) -> dict[str, str]:
+    """The tags of ``name`` version ``version``."""
+    with mlflow_errors(f"tags of {name} version {version}"):
+        return dict(client(cfg.uri, root).get_model_version(name, str(version)).tags)
+
+
+def delete_version(cfg: TrackingConfig, name: str, version: str, *,
+                   root: Path = Path(".")) -> None:
+    """Delete one model version, and the registered model if it has no version left."""
+    mc = client(cfg.uri, root)
+    with mlflow_errors(f"delete {name} version {version}"):
+        mc.delete_model_version(name, str(version))
+        if not mc.search_model_versions(f"name = '{name}'"):
+            mc.delete_registered_model(name)
+
+
+def download_version(cfg: TrackingConfig, name: str, version: str, dst: Path, *,
+                     root: Path = Path(".")) -> Path:
+    """Download the artifacts of ``name`` version ``version`` into ``dst``; returns the folder."""
+    from mlflow.artifacts import download_artifacts
+
+    mc = client(cfg.uri, root)
+    with mlflow_errors(f"download {name} version {version}"):
+        source = mc.get_model_version_download_uri(name, str(version))
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                       tracking_uri=resolve_uri(cfg.uri, root)))
+
+
+def load_rag_model(cfg: TrackingConfig, name: str, alias: str, dst: Path, *,
+                   root: Path = Path(".")) -> tuple[str, Any]:
+    """(version, the RAG model) of ``name@alias``, downloaded to ``dst`` and loaded the way
+    serving loads it (``mlflow.pyfunc.load_model`` -> ``RAGPyfunc.load_context``)."""
+    import mlflow.pyfunc
+
+    version = get_alias(cfg, name, alias, root=root)
+    if version is None:
+        raise TrackingError(f"no model {name}@{alias} in {cfg.uri}")
+    local = download_version(cfg, name, version, dst, root=root)
+    with mlflow_errors(f"load {name} version {version}"):
+        return version, mlflow.pyfunc.load_model(str(local)).unwrap_python_model().model
+
+
+def log_rag_model(run: RunHandle, bundle: Path, example_questions: Sequence[str],
+                  artifact_path: str = "rag", *, rag_class: str | None = None) -> str:
+    """Log the RAG bundle as an MLflow pyfunc model folder under ``artifact_path`` of ``run``.
+
+    Saved locally first (from code: no pickle; explicit signature, pinned requirements, so the
+    model is not loaded), then copied to the run; register it with ``register_model``.
+    """
+    import tempfile
+
+    from ragtrain.tracking import pyfunc as tracking_pyfunc
+
+    kwargs = {"rag_class": rag_class} if rag_class else {}
+    with tempfile.TemporaryDirectory() as tmp, mlflow_errors(f"log RAG model {bundle}"):
+        out = tracking_pyfunc.save_rag_pyfunc(bundle, Path(tmp) / "model", example_questions,
+                                              **kwargs)
+        run.log_artifact(out, artifact_path)
+    return artifact_path
