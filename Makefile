@@ -24,7 +24,7 @@ PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lint clean-venv mlflow-ui ui ui-stop
+.PHONY: venv demo test test-fast lint dvc-yaml clean-venv mlflow-ui ui ui-stop
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,12 @@ ui-stop:
 
 lint: venv
 	$(BIN)/ruff check src tests flows bench
+	ragtrain dag --check
+
+# dvc.yaml from the stage table (src/ragtrain/pipeline/stages.py): run after changing a stage
+# or the imports of a module a stage uses.
+dvc-yaml: venv
+	ragtrain dag --write
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Prefect flows over the model registry: `promote` (challenger -> champion, by the registry
 rule) and `evaluate-champion` (re-score the champion on a question file). Both call the same
-code as `ragtrain promote` / `ragtrain evaluate-champion` (ragtrain.registry).
+code as `ragtrain promote` / `ragtrain evaluate-champion` (ragtrain.tracking.registry).
 
     python flows/promote.py                     # one local promotion
 """
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when r
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
+from flows.markdown import metrics_table  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.errors import RegistryError  # noqa: E402
 from ragtrain.tracking import registry  # noqa: E402
@@ -35,7 +36,7 @@ def promotion_markdown(p: registry.Promotion) -> str:
 
 @task
 def promote_challenger(params_path: str, version: str | None = None) -> registry.Promotion:
-    """The registry rule (ragtrain.registry.promote); the decision is published as an artifact."""
+    """The registry rule (ragtrain.tracking.registry.promote), published as an artifact."""
     params = Path(params_path)
     cfg = load_config(params)
     p = registry.promote(cfg.registry, cfg.tracking, root=params.parent, version=version or None)
@@ -66,10 +67,9 @@ def evaluate_champion(params_path: str = "params.yaml",
     q = Path(questions) if Path(questions).is_absolute() else params.parent / questions
     version, metrics = registry.evaluate_version(cfg.registry, cfg.tracking, q,
                                                  root=params.parent, split=split, record=record)
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
     create_markdown_artifact(
         markdown=f"### {cfg.registry.model_name} version {version} (champion) on `{q.name}`\n\n"
-                 f"| metric | value |\n|---|---|\n{rows}\n", key="champion-metrics",
+                 + metrics_table(metrics), key="champion-metrics",
         description="the champion re-scored")
     print(f"{cfg.registry.model_name} version {version} on {q}: {metrics}")
     return metrics

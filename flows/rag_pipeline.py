@@ -22,16 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when r
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
+from flows.markdown import metrics_table  # noqa: E402
 from ragtrain.config import load_config, set_params  # noqa: E402
 from ragtrain.errors import RagtrainError  # noqa: E402
-from ragtrain.pipeline import stages  # noqa: E402
+from ragtrain.pipeline import orchestration  # noqa: E402
+from ragtrain.pipeline.paths import Paths  # noqa: E402
 
 
 @task(task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, root: str, env: dict[str, str]) -> str:
     """Run one DVC stage (no upstream: the flow orders them); returns "ran" or "skipped"."""
-    r = subprocess.run([stages.dvc_executable(), "repro", "--single-item", stage], cwd=root,
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run([orchestration.dvc_executable(), "repro", "--single-item", stage],
+                       cwd=root, env=env, capture_output=True, text=True)
     log = get_run_logger()
     if r.returncode:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -44,15 +46,10 @@ def repro_stage(stage: str, root: str, env: dict[str, str]) -> str:
 @task(retries=2, retry_delay_seconds=10)
 def push_data(root: str, env: dict[str, str]) -> None:
     """Push data and outputs to the DVC remote (I/O that can fail: retried)."""
-    r = subprocess.run([stages.dvc_executable(), "push"], cwd=root, env=env,
+    r = subprocess.run([orchestration.dvc_executable(), "push"], cwd=root, env=env,
                        capture_output=True, text=True)
     if r.returncode:
         raise RagtrainError(f"dvc push failed: {(r.stdout + r.stderr).strip()[-2000:]}")
-
-
-def _metrics_table(metrics: dict[str, float]) -> str:
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in sorted(metrics.items()))
-    return f"| metric | value |\n|---|---|\n{rows}\n"
 
 
 @flow(name="rag-train-eval", log_prints=True)
@@ -63,12 +60,12 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
     rule (a refusal is reported, not a failure of the run)."""
     params = Path(params_path).resolve()
     root = params.parent
-    paths = stages.Paths(root)
+    paths = Paths(root)
     if overrides:
         set_params(params, overrides)  # params.yaml stays the record of what ran
     cfg = load_config(params)
-    order = stages.dag_order(root)
-    with stages.pipeline_run(cfg, paths) as (run, env):
+    order = orchestration.dag_order(root)
+    with orchestration.pipeline_run(cfg, paths) as (run, env):
         outcome = {s: repro_stage(s, str(root), env) for s in order}
         if push:
             push_data(str(root), env)
@@ -78,7 +75,7 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
                         if isinstance(v, int | float) and not isinstance(v, bool)})
     ran = ", ".join(f"{s} ({o})" for s, o in outcome.items())
     create_markdown_artifact(markdown=f"### Stages\n{ran}\n\n### Metrics\n"
-                             + _metrics_table(metrics), key="rag-metrics",
+                             + metrics_table(metrics), key="rag-metrics",
                              description="metrics of this pipeline run")
     if run is not None:
         link = tracking_link(cfg.tracking.uri, run.experiment_id, run.run_id)

@@ -1,6 +1,7 @@
-"""A real `dvc repro` of the data stages in a temporary copy of this repo (git + DVC + a remote
-+ MLflow). The model stages run for real in `make demo`; here the DAG is cut at `prepare` so
-the suite stays fast (their logic is tested on a tiny model in test_retriever_stages.py)."""
+"""dvc.yaml is the stage table's, and a real `dvc repro` of the data stages in a temporary copy
+of this repo (git + DVC + a remote + MLflow). The model stages run for real in `make demo`; here
+the DAG is cut at `build_bm25` so the suite stays fast (their logic is tested on a tiny model in
+test_retriever_stages.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from ragtrain import cli
+from ragtrain.pipeline import stages
 from tests.conftest import BIN, REPO
-
-pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -42,6 +43,45 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def test_dvc_yaml_is_generated_from_the_stage_table() -> None:
+    """A stage's dvc.yaml deps are its import closure: a module it uses and dvc.yaml omits
+    would let `dvc repro` skip a stage whose code changed. Fix: `ragtrain dag --write`."""
+    assert (REPO / "dvc.yaml").read_text() == stages.dvc_yaml(), "run `ragtrain dag --write`"
+
+
+def test_code_deps_follow_imports() -> None:
+    from ragtrain.pipeline.code import code_hashes
+
+    bm25 = stages.STAGES["build-bm25"].code()
+    # the stage's module, what it imports in its body, and what those import in turn
+    assert {"src/ragtrain/pipeline/retrieval.py", "src/ragtrain/retrieval/bm25.py",
+            "src/ragtrain/retrieval/encoder.py", "src/ragtrain/retrieval/__init__.py",
+            "src/ragtrain/__init__.py", "src/ragtrain/io.py"} <= set(bm25)
+    assert "src/ragtrain/data/prepare.py" not in bm25  # only what the function reaches
+    assert "src/ragtrain/evaluation/rag_qa/rag_qa.py" in stages.STAGES["evaluate"].code()
+    for name in ("train-retriever", "train-generator"):  # resume fingerprint = dvc.yaml deps
+        stage = stages.STAGES[name]
+        assert stage.resume
+        assert [h.split()[0] for h in code_hashes(stage.fn)] == stage.code()
+
+
+def test_dag_check_names_a_stale_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "dvc.yaml"
+    f.write_text(stages.dvc_yaml().replace("      - src/ragtrain/retrieval/bm25.py\n", "", 1))
+    assert cli.main(["dag", "--check", "--dvc-yaml", str(f)]) == 2
+    assert "differs from the stage table (build_bm25)" in capsys.readouterr().err
+    assert cli.main(["dag", "--write", "--dvc-yaml", str(f)]) == 0
+    assert cli.main(["dag", "--check", "--dvc-yaml", str(f)]) == 0
+
+
+def dvc_stale(proj: Path) -> set[str]:
+    """The stages `dvc status` reports (changed deps, outs or command)."""
+    r = subprocess.run(["dvc", "status", "--json"], cwd=proj, env=ENV, capture_output=True,
+                       text=True, check=True)
+    return {k.rsplit(":", 1)[-1] for k in json.loads(r.stdout or "{}")}
+
+
+@pytest.mark.slow
 def test_dvc_repro_push_pull_roundtrip(tmp_path: Path, squad_zip: Path) -> None:
     proj = copy_repo(tmp_path / "proj")
     remote = tmp_path / "remote"
@@ -70,6 +110,24 @@ def test_dvc_repro_push_pull_roundtrip(tmp_path: Path, squad_zip: Path) -> None:
 
     out = sh(proj, "dvc", "repro", "prepare")
     assert "Data and pipelines are up to date" in out and "Running stage" not in out
+
+    # Editing a module makes `dvc status` report exactly the stages whose import closure holds
+    # it (of those that ran; the others are always reported).
+    assert "Running stage 'build_bm25'" in sh(proj, "dvc", "repro", "build_bm25")
+    ran = {"fetch", "prepare", "build_bm25"}
+    assert not dvc_stale(proj) & ran
+    for module in ("src/ragtrain/retrieval/bm25.py", "src/ragtrain/data/corpus.py",
+                   "src/ragtrain/data/prepare.py", "src/ragtrain/io.py"):
+        expected = {s.dvc_name for s in stages.STAGES.values() if module in s.code()} & ran
+        assert expected, module  # each of these is used by a stage that ran
+        if module.endswith("bm25.py"):
+            assert expected == {"build_bm25"}  # not the data stages
+        f = proj / module
+        text = f.read_text()
+        f.write_text(text + "# edited\n")
+        assert dvc_stale(proj) & ran == expected, module
+        f.write_text(text)
+    assert not dvc_stale(proj) & ran
 
     # A data param reruns prepare, and not fetch.
     sh(proj, "ragtrain", "params", "set", "data.split_seed=3")

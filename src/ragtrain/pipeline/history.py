@@ -1,0 +1,45 @@
+"""What a training stage keeps of its run: per-step logs, then its metrics and loss-curve files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ragtrain.io import atomic_write_json
+from ragtrain.trainer import TrainState
+
+OnStep = Callable[[int, Mapping[str, float]], None]  # a trainer's per-step callback
+
+
+class TrainingRecord:
+    """The ``on_step`` callback of a trainer: keeps every step's logs and forwards them (to
+    MLflow when the stage is tracked); ``finish`` writes the stage's metrics and plot files."""
+
+    def __init__(self, on_step: OnStep | None = None) -> None:
+        self.history: list[dict[str, float]] = []
+        self._forward = on_step
+        self._t0 = time.perf_counter()
+
+    def __call__(self, step: int, logs: Mapping[str, float]) -> None:
+        self.history.append({"step": step, **logs})
+        if self._forward:
+            self._forward(step, logs)
+
+    def finish(self, state: TrainState, *, select: str, metrics_file: Path, plot_file: Path,
+               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The stage's metrics (steps, seconds, ``extra``, the dev figures of the step best on
+        ``select``), written with the loss / lr curve; returns the metrics."""
+        metrics: dict[str, Any] = {"train/steps": state.step,
+                                   "train/seconds": round(time.perf_counter() - self._t0, 1),
+                                   **(extra or {})}
+        if state.history:
+            best = max(state.history, key=lambda h: h[select])
+            metrics.update({k: v for k, v in best.items() if k.startswith("dev/")})
+            metrics["dev/best_step"] = best["step"]
+        atomic_write_json(metrics_file, metrics)
+        atomic_write_json(plot_file, [{"step": h["step"], "loss": h["train/loss"],
+                                       "lr": h["train/lr"]}
+                                      for h in self.history if "train/loss" in h])
+        return metrics

@@ -1,0 +1,166 @@
+"""The retrieval stages: BM25, the fine-tuned bi-encoder, its index, their evaluation, and the
+passages every question gets (what the generator reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ragtrain.config import Config
+from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
+from ragtrain.pipeline.code import code_hashes
+from ragtrain.pipeline.paths import Paths, read_queries
+
+
+def run_build_bm25(cfg: Config, paths: Paths) -> Path:
+    """data/prepared/corpus.jsonl -> artifacts/bm25 (BM25 over title + text)."""
+    from ragtrain.data.corpus import Corpus
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.encoder import passage_inputs
+
+    corpus = Corpus.load(paths.corpus)
+    BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids,
+                        corpus_sha256=sha256_file(paths.corpus)).save(paths.bm25)
+    return paths.bm25
+
+
+def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
+                        on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the bi-encoder on train questions (dev for model selection) -> artifacts/."""
+    from ragtrain.data.corpus import Corpus, check_gold_ids
+    from ragtrain.pipeline.history import TrainingRecord
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.training import train_retriever
+
+    rc = cfg.retriever
+    corpus = Corpus.load(paths.corpus)
+    train, dev = read_queries(paths, "train"), read_queries(paths, "dev")
+    check_gold_ids(train, corpus, str(paths.queries("train")))
+    check_gold_ids(dev, corpus, str(paths.queries("dev")))
+    # BM25 for mining is rebuilt in memory (well under a second): no dependency on artifacts/
+    bm25 = (BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids)
+            if rc.hard_negatives in ("bm25", "both") else None)
+    model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    record = TrainingRecord(on_step)
+    state = train_retriever(
+        model, corpus, train, dev, rc, seed=cfg.seed, ckpt_dir=paths.retriever_checkpoints,
+        resume=resume, bm25=bm25, on_step=record, progress=progress,
+        signature_parts=[sha256_file(paths.corpus), sha256_file(paths.queries("train")),
+                         sha256_file(paths.queries("dev")), *code_hashes(run_train_retriever)])
+    model.save(paths.retriever)
+    return record.finish(state, select="dev/recall_at_1",
+                         metrics_file=paths.retriever_train_metrics,
+                         plot_file=paths.retriever_train_plot)
+
+
+def run_build_index(cfg: Config, paths: Paths) -> Path:
+    """Encode the corpus with the trained passage tower -> artifacts/embeddings, artifacts/index."""
+    import numpy as np
+
+    from ragtrain import runtime
+    from ragtrain.data.corpus import Corpus
+    from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+    from ragtrain.retrieval.index import build_index, save_index
+
+    corpus = Corpus.load(paths.corpus)
+    model = BiEncoder.load(paths.retriever)
+    fp = model.fingerprint()
+    with runtime.autocast(runtime.use_bf16(cfg.retriever.precision)):
+        emb = model.encode_passages(passage_inputs(corpus.passages), cfg.index.encode_batch_size,
+                                    progress=True)
+    corpus_sha = sha256_file(paths.corpus)
+    with atomic_path(paths.embeddings) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "embeddings.npy", emb)
+        atomic_write_json(tmp / "meta.json", {"passage_ids": corpus.ids, "dim": emb.shape[1],
+                                              "encoder_fingerprint": fp,
+                                              "corpus_sha256": corpus_sha})
+    idx = build_index(emb, corpus.ids, cfg.index, corpus_sha256=corpus_sha,
+                      encoder_fingerprint=fp, seed=cfg.seed)
+    save_index(idx, paths.index)
+    return paths.index
+
+
+def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
+    """Score BM25, the untrained encoder, the trained one and the hybrid on the same held-out
+    questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
+    from ragtrain import runtime
+    from ragtrain.data.corpus import Corpus, check_gold_ids
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.metrics import evaluate_retrieval
+    from ragtrain.retrieval.search import Retriever
+    from ragtrain.retrieval.training import exact_search
+
+    ec, rc = cfg.evaluation, cfg.retriever
+    split = ec.split
+    corpus = Corpus.load(paths.corpus)
+    rows = read_queries(paths, split)
+    check_gold_ids(rows, corpus, str(paths.queries(split)))
+    questions = [r["question"] for r in rows]
+    k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
+    r = Retriever.load("hybrid", rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+    ranked = {kind: ids for kind, (_, ids) in r.search_all(questions, k).items()}
+    base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    with runtime.autocast(runtime.use_bf16(rc.precision)):
+        p = base.encode_passages(passage_inputs(corpus.passages), cfg.index.encode_batch_size,
+                                 progress=True)
+        q = base.encode_queries(questions, 128)
+    ranked["untrained"] = exact_search(q, p, corpus.ids, k)[1]
+
+    gold = [r["gold_passage_ids"] for r in rows]
+    answers = [r["answers"] for r in rows]
+    metrics: dict[str, float] = {}
+    per_q: dict[str, list[dict[str, Any]]] = {}
+    for name in ("bm25", "untrained", "dense", "hybrid"):
+        m, per_q[name] = evaluate_retrieval(ranked[name], gold, ks=ec.recall_ks,
+                                            rank_cutoff=ec.rank_cutoff, split=split,
+                                            passages=corpus.text_by_id, answers=answers)
+        metrics.update({f"{split}/{name}/{key.split('/', 1)[1]}": v for key, v in m.items()})
+        if name == rc.kind:  # the retriever the RAG model uses: unprefixed names
+            metrics.update(m)
+    with atomic_path(paths.retriever_predictions) as tmp:
+        write_jsonl(tmp, (
+            {"id": r["id"], "question": r["question"], "gold_passage_ids": r["gold_passage_ids"],
+             "top_ids": ranked[rc.kind][i][:10],
+             **{f"{name}_gold_rank": per_q[name][i].get("gold_rank") for name in per_q}}
+            for i, r in enumerate(rows)))
+    atomic_write_json(paths.retriever_metrics, metrics)
+    return metrics
+
+
+RETRIEVE_DEPTH = 20  # passages kept per question by `retrieve` (the generator takes top_k)
+
+
+def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
+    """Top passages of every train / dev / test question with the configured retriever (what
+    the generator trains and is evaluated on) -> artifacts/retrieved/{split}.jsonl."""
+    from ragtrain.data.corpus import Corpus
+    from ragtrain.retrieval.metrics import answer_in_passage
+    from ragtrain.retrieval.search import Retriever
+
+    rc = cfg.retriever
+    corpus = Corpus.load(paths.corpus)
+    r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+    depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
+    stats: dict[str, float] = {}
+    with atomic_path(paths.retrieved) as tmp:
+        tmp.mkdir()
+        for split in ("train", "dev", "test"):
+            rows = read_queries(paths, split)
+            if not rows:
+                write_jsonl(tmp / f"{split}.jsonl", [])
+                continue
+            scores, ids = r.search([q["question"] for q in rows], depth)
+            write_jsonl(tmp / f"{split}.jsonl", (
+                {"id": q["id"], "passage_ids": ids[i],
+                 "scores": [round(float(x), 6) for x in scores[i]]}
+                for i, q in enumerate(rows)))
+            hit = sum(answer_in_passage(q["answers"], " ".join(
+                corpus.text_by_id[p] for p in ids[i][:rc.top_k])) for i, q in enumerate(rows))
+            stats[f"{split}/answer_recall_at_{rc.top_k}"] = hit / len(rows)
+    return stats
