@@ -110,6 +110,43 @@ class RetrieverConfig:
 
 
 @dataclass(frozen=True)
+class RerankerConfig:
+    # A cross-encoder over (question, passage) that reorders the first stage's top `candidates`
+    # (retriever.kind). Off by default: enabling it adds train_reranker's training and reranking
+    # in eval_retriever and retrieve (about 90 pairs/s on 2 CPU cores).
+    enabled: bool = False
+    model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
+    max_length: int = _f(256, ge=16)  # question + passage tokens (the passage is cut first)
+    candidates: int = _f(10, ge=1)  # first-stage passages reranked per question
+    # final score over the candidates: w * minmax(reranker) + (1 - w) * minmax(first stage)
+    fuse_weight: float = _f(0.5, ge=0, le=1)  # 1.0 = the reranker alone
+    train_candidates: int = _f(8, ge=2)  # per training question: the gold + negatives
+    negatives_depth: int = _f(20, ge=1)  # negatives are drawn from BM25's top this many
+    batch_questions: int = _f(4, ge=1)  # questions per batch (x train_candidates pairs)
+    grad_accum_steps: int = _f(1, ge=1)
+    lr: float = _f(3.0e-5, gt=0)
+    head_lr: float = _f(1.0e-3, gt=0)  # the new scoring head (params the warm start lacks)
+    weight_decay: float = _f(0.01, ge=0)
+    warmup_ratio: float = _f(0.1, ge=0, lt=1)
+    grad_clip: float = _f(1.0, ge=0)  # 0 = off
+    epochs: int = _f(1, ge=1)
+    max_steps: int = _f(0, ge=0)  # 0 = epochs decide
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    eval_every: int = _f(0, ge=0)  # steps between dev evaluations (best on dev R@1); 0 = end
+    dev_questions: int = _f(300, ge=0)  # dev questions reranked per evaluation; 0 = all
+    checkpoint_every: int = _f(50, ge=1)
+    early_stopping_patience: int = _f(0, ge=0)
+    eval_batch_size: int = _f(64, ge=1)  # pairs per forward pass when reranking
+
+    def __post_init__(self) -> None:
+        if self.negatives_depth < self.train_candidates - 1:
+            raise ConfigError(
+                f"negatives_depth: must be at least train_candidates - 1 "
+                f"({self.train_candidates - 1}) to fill each list, got {self.negatives_depth}"
+            )
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     kind: Literal["flat", "hnsw", "ivfpq"] = "flat"
     encode_batch_size: int = _f(64, ge=1)
@@ -188,6 +225,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -88,3 +88,23 @@ def false_negative_mask(gold: Sequence[set[str]], columns: Sequence[str],
             if pid in g and j != targets[i]:
                 m[i, j] = True
     return m
+
+
+def listwise_softmax_ce(scores: torch.Tensor, targets: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise softmax cross-entropy of a reranker over each question's candidate list.
+
+    scores: (Q, N) one relevance logit per (question, candidate) pair; targets: (Q,) the column
+    of each question's gold passage. ``L = -mean_i log softmax(scores_i)[targets_i]``, the
+    softmax taken over that question's N candidates only (as DPR's reader selector and
+    sentence-transformers' CrossEncoder ListNetLoss with a one-hot target). ``mask`` (Q, N) True
+    drops a column: a padding slot where a question has fewer candidates. The scores are cast
+    to float before the softmax (safe under bf16).
+    """
+    if scores.ndim != 2 or targets.shape != scores.shape[:1]:
+        raise ValueError(f"listwise_softmax_ce: expected scores (Q, N) and targets (Q,), got "
+                         f"{tuple(scores.shape)} and {tuple(targets.shape)}")
+    s = scores.float()  # (Q, N)
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    return F.cross_entropy(s, targets)
