@@ -24,7 +24,7 @@ PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lint dvc-yaml clean-venv mlflow-ui ui ui-stop
+.PHONY: venv demo test test-fast lint dvc-yaml clean-venv mlflow-ui ui ui-stop report
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ demo: venv
 	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
 	ragtrain pipeline
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
-	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui; promote the new @challenger: ragtrain promote"
+	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui; report: reports/report.html; promote the new @challenger: ragtrain promote"
 
 # The whole test suite, slow integration tests included (what CI runs).
 test: venv
@@ -88,6 +88,12 @@ ui-stop:
 	  pid=$$(cat $$f); kill -TERM $$pid 2>/dev/null; \
 	  for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
 	  kill -KILL $$pid 2>/dev/null; rm -f $$f; echo "stopped $$name ($$pid)"; done
+
+# The run report of the current outputs (the pipeline's last stage draws it too): one
+# self-contained page, also the offline view of the DVC plots (`dvc plots show` needs a CDN).
+report: venv
+	ragtrain report
+	@echo "open reports/report.html in a browser"
 
 lint: venv
 	$(BIN)/ruff check src tests flows bench

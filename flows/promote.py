@@ -14,11 +14,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows.*` when run as a script
 
 from prefect import flow, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
 from flows.markdown import metrics_table  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.errors import RegistryError  # noqa: E402
+from ragtrain.pipeline.paths import Paths  # noqa: E402
 from ragtrain.tracking import registry  # noqa: E402
 
 
@@ -40,9 +41,16 @@ def promote_challenger(params_path: str, version: str | None = None) -> registry
     params = Path(params_path)
     cfg = load_config(params)
     p = registry.promote(cfg.registry, cfg.tracking, root=params.parent, version=version or None)
-    create_markdown_artifact(markdown=promotion_markdown(p), key="promotion",
-                             description="the promotion decision")
+    report = Paths(params.parent).report
+    create_markdown_artifact(markdown=promotion_markdown(p)
+                             + (f"\nRun report: [{report.name}]({report.resolve().as_uri()})\n"
+                                if report.is_file() else ""),
+                             key="promotion", description="the promotion decision")
     print(registry.describe(p))
+    if report.is_file():
+        create_link_artifact(report.resolve().as_uri(), key="promotion-report",
+                             link_text="run report of the challenger (vs the champion)")
+        print(f"  run report: {report.resolve()}")
     return p
 
 

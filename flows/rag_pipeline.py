@@ -81,6 +81,7 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
         link = tracking_link(cfg.tracking.uri, run.experiment_id, run.run_id)
         create_link_artifact(link, link_text=f"MLflow run {run.run_id}", key="mlflow-run")
         print(f"MLflow run: {link}")
+    link_report(paths)
     if promote:
         from flows.promote import promote_challenger
         from ragtrain.errors import RegistryError
@@ -90,6 +91,20 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
         except RegistryError as e:  # e.g. nothing new registered: reported, the run succeeded
             print(f"not promoted: {e}")
     return metrics
+
+
+def link_report(paths: Paths) -> str | None:
+    """The run report (the `report` stage's page) as a Prefect link artifact: a file:// link
+    (it opens in a browser on the machine that ran the flow; it is also in the MLflow run's
+    artifacts under report/)."""
+    if not paths.report.is_file():
+        return None
+    link = paths.report.resolve().as_uri()
+    create_link_artifact(link, link_text="run report (challenger vs champion)",
+                         key="run-report", description="the run report: metrics beside the "
+                         "champion's, curves, failures, every question, lineage")
+    print(f"run report: {link}")
+    return link
 
 
 def tracking_link(uri: str, experiment_id: str, run_id: str) -> str:

@@ -25,6 +25,7 @@ from ragtrain.tracking.model_registry import (
     register_model,
     set_alias,
     tag_version,
+    version_run,
     version_tags,
 )
 from ragtrain.tracking.plots import plot_curve, plot_recall_at_k
@@ -63,5 +64,6 @@ __all__ = [
     "should_promote",
     "sqlite_path",
     "tag_version",
+    "version_run",
     "version_tags",
 ]

@@ -96,6 +96,24 @@ def version_tags(cfg: TrackingConfig, name: str, version: str, *,
         return dict(client(cfg.uri, root).get_model_version(name, str(version)).tags)
 
 
+def version_run(cfg: TrackingConfig, name: str, version: str, *,
+                root: Path = Path(".")) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(run id, params, tags) of the run that logged ``name`` version ``version``; empty
+    params and tags when that run is gone."""
+    from mlflow.exceptions import MlflowException
+
+    mc = client(cfg.uri, root)
+    with mlflow_errors(f"run of {name} version {version}"):
+        run_id = mc.get_model_version(name, str(version)).run_id or ""
+    if not run_id:
+        return "", {}, {}
+    try:
+        r = mc.get_run(run_id)
+    except MlflowException:
+        return run_id, {}, {}
+    return run_id, dict(r.data.params), dict(r.data.tags)
+
+
 def delete_version(cfg: TrackingConfig, name: str, version: str, *,
                    root: Path = Path(".")) -> None:
     """Delete one model version, and the registered model if it has no version left."""
