@@ -33,6 +33,7 @@ from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.generation.reader import Reader, ReaderConfig, evaluate_reader, train_reader  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 from ragtrain.pipeline.paths import Paths, read_retrieved  # noqa: E402
+from ragtrain.pipeline.timing import read_timings  # noqa: E402
 from ragtrain.trainer import seed_everything  # noqa: E402
 
 
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{d[f'{pre}/accuracy']:.2f} | {d[f'{pre}/gold_passage/em']:.2f} / "
               f"{d[f'{pre}/gold_passage/f1']:.2f} | {t} |")
 
-    row("copy generator (ragtrain default)", gen, split, gen_train.get("train/seconds"),
+    timings = read_timings(paths.timings)
+    row("copy generator (ragtrain default)", gen, split,
+        timings.get("train_generator/train_seconds"),
         gen_train.get("train/steps"))
     row(f"extractive reader (baseline, {rc.epochs} epochs)", m, f"{split}/reader", train_s,
         state.step)

@@ -76,6 +76,7 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     for stage in orchestration.dag_order(proj):
         assert f"  {stage}:" in lock
     assert "Data and pipelines are up to date" in sh(proj, "dvc", "status")
+    assert "recall@k on test" in (proj / "reports/report.html").read_text()  # the last stage
 
     mc = MlflowClient(f"sqlite:///{proj}/mlruns/mlflow.db")
     exp = mc.get_experiment_by_name("ragtrain")
@@ -84,9 +85,10 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
     assert {r.info.run_name for r in children} == {
-        "fetch", "prepare", "build-bm25", "train-retriever", "build-index", "eval-retriever",
-        "retrieve", "train-generator", "evaluate", "package", "register"}
-    # registered by the last stage, then promoted by the flow (promote=True)
+        "fetch", "prepare", "build-bm25", "train-retriever", "train-reranker", "build-index",
+        "eval-retriever", "retrieve", "train-generator", "evaluate", "package", "register",
+        "report"}
+    # registered by the register stage, then promoted by the flow (promote=True)
     assert str(mc.get_model_version_by_alias("ragtrain-rag", "champion").version) == "1"
     assert parent.data.metrics["test/recall_at_1"] == pytest.approx(metrics["test/recall_at_1"])
 

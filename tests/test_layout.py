@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ragtrain"
-LIBRARY = ("data", "retrieval", "generation", "evaluation", "tracking")
+LIBRARY = ("data", "retrieval", "generation", "evaluation", "tracking", "report")
 MAX_LINES = 450
 
 

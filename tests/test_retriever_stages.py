@@ -249,9 +249,8 @@ def test_same_data_params_code_same_metrics(tiny_project: Path) -> None:
         outs.append((
             json.loads((tiny_project / "artifacts/retriever/retriever.json").read_text()),
             (tiny_project / "metrics/retriever.json").read_text(),
-            {k: v for k, v in json.loads(
-                (tiny_project / "metrics/train_retriever.json").read_text()).items()
-             if k != "train/seconds"},  # wall time is the one thing allowed to differ
+            # the whole metrics file: wall times live in timings/, outside the DVC metrics
+            (tiny_project / "metrics/train_retriever.json").read_text(),
         ))
     assert outs[0] == outs[1]
 

@@ -28,6 +28,8 @@ from ragtrain.pipeline.registry import load_registered_rag
 def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
     stage = stages.STAGES[args.stage]
     kwargs = {"resume": args.resume} if stage.resume else {}
+    kwargs.update({o.dest: getattr(args, o.dest) for o in stage.options
+                   if getattr(args, o.dest) is not None})
     print(stage.summary(cfg, paths, stages.run_stage(stage.name, cfg, paths, **kwargs)))
 
 
@@ -121,6 +123,9 @@ def _cmd_promote(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
 
     p = registry.promote(cfg.registry, cfg.tracking, root=paths.root, version=args.version)
     print(registry.describe(p))
+    if paths.report.is_file():  # the last run's report: the challenger beside the champion
+        print(f"  run report: {paths.report.resolve()} (redraw it against the new champion: "
+              "ragtrain report)" if p.promoted else f"  run report: {paths.report.resolve()}")
     if not p.promoted:
         raise RegistryError(f"promotion refused (decision recorded as tags on {p.name} "
                             f"version {p.challenger}" + (f" and {p.champion}" if p.champion
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                             help="continue from the last checkpoint of the same run, if any "
                             "(default: on; --no-resume starts over)")
+        for o in stage.options:
+            sp.add_argument(*o.flags, dest=o.dest, type=o.type, help=o.help)
 
     for name, fn, help_ in (
             ("ask", _cmd_ask, "answer a question with the RAG model, citing its passages"),

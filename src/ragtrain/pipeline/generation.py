@@ -13,6 +13,7 @@ from ragtrain.errors import DataError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
 from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved
+from ragtrain.pipeline.timing import record_timings
 
 
 def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
@@ -49,7 +50,8 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
     gen.save(paths.generator)
     return record.finish(
         state, select="dev/f1", metrics_file=paths.generator_train_metrics,
-        plot_file=paths.generator_train_plot,
+        plot_file=paths.generator_train_plot, timings_file=paths.timings,
+        stage="train_generator",
         extra={"train/examples": state.step * gc.batch_size * gc.grad_accum_steps})
 
 
@@ -90,13 +92,13 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     gen = Generator.load(paths.generator)
     t0 = time.perf_counter()
     preds = gen.answer(examples, gc.eval_batch_size, bf16=bf16, progress=progress)
-    per_s = len(rows) / (time.perf_counter() - t0)
+    record_timings(paths.timings, {"evaluate/answers_per_s":
+                                   len(rows) / (time.perf_counter() - t0)})
     metrics = score(split, [p.answer for p in preds])
     recall = [answer_in_passage(r["answers"],
                                 " ".join(corpus[p].text for p in retrieved[r["id"]][:k]))
               for r in rows]
     metrics[f"{split}/answer_recall_at_{k}"] = sum(recall) / len(rows)
-    metrics[f"{split}/answers_per_s"] = round(per_s, 2)
     metrics[f"{split}/n_questions"] = len(rows)
     metrics[f"{split}/questions_cut"] = sum(p.question_cut for p in preds)
     gold = gen.answer(gold_examples(rows, corpus), gc.eval_batch_size, bf16=bf16,
@@ -120,6 +122,8 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
              "prediction": p.answer, **{k2: round(v, 4) for k2, v in
                                         score_one(p.answer, r["answers"]).items()},
              "gold_passage_rank": rank[r["id"]], "answer_in_passages": bool(rec),
+             "answer_passage": (retrieved[r["id"]][p.passage]  # the passage it cites
+                                if 0 <= p.passage < min(k, len(retrieved[r["id"]])) else None),
              "gold_passage_prediction": g.answer, "baseline_prediction": b}
             for r, p, g, b, rec in zip(rows, preds, gold, base, recall, strict=True)))
     metrics = {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in metrics.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtrain.io import atomic_write_json
+from ragtrain.pipeline.timing import record_timings
 from ragtrain.trainer import TrainState
 
 OnStep = Callable[[int, Mapping[str, float]], None]  # a trainer's per-step callback
@@ -28,18 +29,23 @@ class TrainingRecord:
             self._forward(step, logs)
 
     def finish(self, state: TrainState, *, select: str, metrics_file: Path, plot_file: Path,
+               timings_file: Path, stage: str,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The stage's metrics (steps, seconds, ``extra``, the dev figures of the step best on
-        ``select``), written with the loss / lr curve; returns the metrics."""
-        metrics: dict[str, Any] = {"train/steps": state.step,
-                                   "train/seconds": round(time.perf_counter() - self._t0, 1),
-                                   **(extra or {})}
+        """The stage's metrics (steps, ``extra``, the dev figures of the step best on
+        ``select``), written with the loss / lr curve; the training time goes to the timings
+        (``<stage>/train_seconds``), not the metrics. Returns the metrics."""
+        record_timings(timings_file, {f"{stage}/train_seconds": time.perf_counter() - self._t0})
+        metrics: dict[str, Any] = {"train/steps": state.step, **(extra or {})}
         if state.history:
             best = max(state.history, key=lambda h: h[select])
             metrics.update({k: v for k, v in best.items() if k.startswith("dev/")})
             metrics["dev/best_step"] = best["step"]
         atomic_write_json(metrics_file, metrics)
+        # the dev evaluations ride on the rows of their steps (the run report's dev curves;
+        # DVC plots the loss column)
+        dev = {h["step"]: {k: v for k, v in h.items() if k.startswith("dev/")}
+               for h in state.history}
         atomic_write_json(plot_file, [{"step": h["step"], "loss": h["train/loss"],
-                                       "lr": h["train/lr"]}
+                                       "lr": h["train/lr"], **dev.get(h["step"], {})}
                                       for h in self.history if "train/loss" in h])
         return metrics

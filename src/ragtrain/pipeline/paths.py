@@ -64,6 +64,27 @@ class Paths:
         return self._p("plots/train_retriever.json")
 
     @property
+    def reranker(self) -> Path:
+        return self._p("artifacts/reranker")
+
+    @property
+    def reranker_disabled(self) -> Path:
+        return self.reranker / "DISABLED.json"  # train_reranker's output when reranker.enabled
+        # is false: the stage stays a valid DVC stage and nothing downstream reranks
+
+    @property
+    def reranker_checkpoints(self) -> Path:
+        return self._p("checkpoints/reranker")  # not a DVC out: it must survive a killed run
+
+    @property
+    def reranker_train_metrics(self) -> Path:
+        return self.metrics / "train_reranker.json"
+
+    @property
+    def reranker_train_plot(self) -> Path:
+        return self._p("plots/train_reranker.json")
+
+    @property
     def embeddings(self) -> Path:
         return self._p("artifacts/embeddings")
 
@@ -122,6 +143,14 @@ class Paths:
     @property
     def registered(self) -> Path:
         return self._p("artifacts/registered.json")  # what `register` put in the MLflow registry
+
+    @property
+    def timings(self) -> Path:
+        return self._p("timings/timings.json")  # wall-clock figures: not in git, not DVC metrics
+
+    @property
+    def report(self) -> Path:
+        return self._p("reports/report.html")  # the run report (one self-contained page)
 
 
 def read_queries(paths: Paths, split: str) -> list[dict[str, Any]]:

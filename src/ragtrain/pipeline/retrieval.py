@@ -53,7 +53,8 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
     model.save(paths.retriever)
     return record.finish(state, select="dev/recall_at_1",
                          metrics_file=paths.retriever_train_metrics,
-                         plot_file=paths.retriever_train_plot)
+                         plot_file=paths.retriever_train_plot, timings_file=paths.timings,
+                         stage="train_retriever")
 
 
 def run_build_index(cfg: Config, paths: Paths) -> Path:
@@ -99,11 +100,16 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     corpus = Corpus.load(paths.corpus)
     rows = read_queries(paths, split)
     check_gold_ids(rows, corpus, str(paths.queries(split)))
+    reranker = _load_reranker(cfg, paths)
     questions = [r["question"] for r in rows]
     k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
     r = Retriever.load("hybrid", rc, encoder_dir=paths.retriever, index_dir=paths.index,
                        bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
-    ranked = {kind: ids for kind, (_, ids) in r.search_all(questions, k).items()}
+    found = r.search_all(questions, _search_depth(cfg, k, len(corpus.ids)))
+    ranked = {kind: [row[:k] for row in ids] for kind, (_, ids) in found.items()}
+    if reranker is not None:  # the configured first stage's list, reranked
+        ranked["reranked"] = [row[:k] for row in _rerank(cfg, reranker, corpus, questions,
+                                                         *found[rc.kind])[1]]
     base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
     with runtime.autocast(runtime.use_bf16(rc.precision)):
         p = base.encode_passages(passage_inputs(corpus.passages), cfg.index.encode_batch_size,
@@ -115,17 +121,20 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     answers = [r["answers"] for r in rows]
     metrics: dict[str, float] = {}
     per_q: dict[str, list[dict[str, Any]]] = {}
-    for name in ("bm25", "untrained", "dense", "hybrid"):
+    used = "reranked" if reranker is not None else rc.kind  # what the RAG model reads
+    for name in ("bm25", "untrained", "dense", "hybrid", "reranked"):
+        if name not in ranked:
+            continue
         m, per_q[name] = evaluate_retrieval(ranked[name], gold, ks=ec.recall_ks,
                                             rank_cutoff=ec.rank_cutoff, split=split,
                                             passages=corpus.text_by_id, answers=answers)
         metrics.update({f"{split}/{name}/{key.split('/', 1)[1]}": v for key, v in m.items()})
-        if name == rc.kind:  # the retriever the RAG model uses: unprefixed names
+        if name == used:  # the retriever the RAG model uses: unprefixed names
             metrics.update(m)
     with atomic_path(paths.retriever_predictions) as tmp:
         write_jsonl(tmp, (
             {"id": r["id"], "question": r["question"], "gold_passage_ids": r["gold_passage_ids"],
-             "top_ids": ranked[rc.kind][i][:10],
+             "top_ids": ranked[used][i][:10],
              **{f"{name}_gold_rank": per_q[name][i].get("gold_rank") for name in per_q}}
             for i, r in enumerate(rows)))
     atomic_write_json(paths.retriever_metrics, metrics)
@@ -139,11 +148,11 @@ def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
     """Top passages of every train / dev / test question with the configured retriever (what
     the generator trains and is evaluated on) -> artifacts/retrieved/{split}.jsonl."""
     from ragtrain.data.corpus import Corpus
-    from ragtrain.retrieval.metrics import answer_in_passage
     from ragtrain.retrieval.search import Retriever
 
     rc = cfg.retriever
     corpus = Corpus.load(paths.corpus)
+    reranker = _load_reranker(cfg, paths)
     r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
                        bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
     depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
@@ -155,12 +164,60 @@ def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
             if not rows:
                 write_jsonl(tmp / f"{split}.jsonl", [])
                 continue
-            scores, ids = r.search([q["question"] for q in rows], depth)
+            questions = [q["question"] for q in rows]
+            scores, ids = r.search(questions, _search_depth(cfg, depth, len(corpus.ids)))
+            if reranker is not None:  # written best first by the fused score
+                first = ids
+                scores, ids = _rerank(cfg, reranker, corpus, questions, scores, ids)
+                stats[f"{split}/first_stage/answer_recall_at_{rc.top_k}"] = _answer_recall(
+                    rows, first, corpus, rc.top_k)
+            scores, ids = scores[:, :depth], [row[:depth] for row in ids]
             write_jsonl(tmp / f"{split}.jsonl", (
                 {"id": q["id"], "passage_ids": ids[i],
                  "scores": [round(float(x), 6) for x in scores[i]]}
                 for i, q in enumerate(rows)))
-            hit = sum(answer_in_passage(q["answers"], " ".join(
-                corpus.text_by_id[p] for p in ids[i][:rc.top_k])) for i, q in enumerate(rows))
-            stats[f"{split}/answer_recall_at_{rc.top_k}"] = hit / len(rows)
+            stats[f"{split}/answer_recall_at_{rc.top_k}"] = _answer_recall(rows, ids, corpus,
+                                                                          rc.top_k)
     return stats
+
+
+def _answer_recall(rows: list[dict[str, Any]], ids: list[list[str]], corpus: Any,
+                   k: int) -> float:
+    """The share of questions with an answer string in their top k passages (joined)."""
+    from ragtrain.retrieval.metrics import answer_in_passage
+
+    hit = sum(answer_in_passage(q["answers"], " ".join(corpus.text_by_id[p] for p in ids[i][:k]))
+              for i, q in enumerate(rows))
+    return hit / len(rows)
+
+
+def _load_reranker(cfg: Config, paths: Paths) -> Any:
+    """The trained reranker when ``reranker.enabled`` (else None); a clear error when
+    artifacts/reranker holds the disabled marker (train_reranker ran with it off)."""
+    if not cfg.reranker.enabled:
+        return None
+    from ragtrain.errors import RagtrainError
+    from ragtrain.retrieval.reranker import Reranker
+
+    if paths.reranker_disabled.exists():
+        raise RagtrainError(f"{paths.reranker_disabled}: reranker.enabled is true but no "
+                            "reranker was trained; run `ragtrain train-reranker` (or dvc repro)")
+    return Reranker.load(paths.reranker)
+
+
+def _search_depth(cfg: Config, k: int, n_passages: int) -> int:
+    """First-stage depth: ``k``, or deeper when the reranker reorders more candidates."""
+    return min(max(k, cfg.reranker.candidates), n_passages) if cfg.reranker.enabled else k
+
+
+def _rerank(cfg: Config, reranker: Any, corpus: Any, questions: list[str], scores: Any,
+            ids: list[list[str]]) -> tuple[Any, list[list[str]]]:
+    """The first stage's lists with their top ``reranker.candidates`` reranked (fused)."""
+    from ragtrain import runtime
+    from ragtrain.retrieval.reranker import passage_texts
+
+    rk = cfg.reranker
+    return reranker.rerank(questions, scores, ids, passage_texts(corpus),
+                           candidates=rk.candidates, fuse_weight=rk.fuse_weight,
+                           batch_size=rk.eval_batch_size, bf16=runtime.use_bf16(rk.precision),
+                           progress=True)

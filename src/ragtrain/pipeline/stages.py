@@ -9,6 +9,7 @@ closure (``pipeline.code``), the same files that fingerprint a training checkpoi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ragtrain.pipeline.data import run_fetch, run_prepare
 from ragtrain.pipeline.generation import run_evaluate, run_package, run_train_generator
 from ragtrain.pipeline.paths import Paths
 from ragtrain.pipeline.registry import run_register
+from ragtrain.pipeline.report import describe_report, run_report
+from ragtrain.pipeline.reranking import run_train_reranker
 from ragtrain.pipeline.retrieval import (
     run_build_bm25,
     run_build_index,
@@ -29,6 +32,7 @@ from ragtrain.pipeline.retrieval import (
     run_retrieve,
     run_train_retriever,
 )
+from ragtrain.pipeline.timing import read_timings, record_timings
 
 LogFn = Callable[[tracking.RunHandle, Config, Paths, Any], None]
 
@@ -40,6 +44,16 @@ class Plot:
     path: str
     x: str
     y: str
+
+
+@dataclass(frozen=True)
+class Option:
+    """A CLI option of a stage's subcommand, passed to its function as ``dest=`` when given."""
+
+    flags: tuple[str, ...]
+    dest: str
+    help: str
+    type: Callable[[str], Any] = str
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Stage:
     own_run: bool = False  # opens its MLflow run itself (only when it has work to log)
     extra_code: tuple[str, ...] = ()  # package files loaded by path, not imported
     comment: str = ""  # explains the stage in dvc.yaml
+    options: tuple[Option, ...] = ()  # extra CLI options (not used by dvc.yaml's cmd)
 
     @property
     def dvc_name(self) -> str:
@@ -94,10 +109,13 @@ def _say_eval_retriever(cfg: Config, paths: Paths, m: dict[str, float]) -> str:
     split, ec = cfg.evaluation.split, cfg.evaluation
     cols = [f"recall_at_{k}" for k in ec.recall_ks] + [
         f"mrr_at_{ec.rank_cutoff}", f"ndcg_at_{ec.rank_cutoff}"]
+    used = cfg.retriever.kind + (" reranked" if cfg.reranker.enabled else "")
     lines = [f"{split} retrieval ({int(m[f'{split}/n_questions'])} questions; "
-             f"the RAG model uses {cfg.retriever.kind}):",
+             f"the RAG model uses {used}):",
              f"  {'':10s}" + "".join(f"{c:>14s}" for c in cols)]
-    for n in ("bm25", "untrained", "dense", "hybrid"):
+    names = ("bm25", "untrained", "dense", "hybrid") + (
+        ("reranked",) if f"{split}/reranked/n_questions" in m else ())
+    for n in names:
         lines.append(f"  {n:10s}" + "".join(f"{m.get(f'{split}/{n}/{c}', float('nan')):14.4f}"
                                             for c in cols))
     return "\n".join(lines)
@@ -132,6 +150,10 @@ _RESUME_NOTE = ("--resume: a run killed mid-way continues from its last checkpoi
                 "is not\nan output, so DVC does not delete it); a changed config or data starts "
                 "over.")
 
+# what reranking at inference reads (the trained model itself is artifacts/reranker)
+_RERANK_PARAMS = ("reranker.enabled", "reranker.candidates", "reranker.fuse_weight",
+                  "reranker.precision", "reranker.eval_batch_size")
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("fetch", run_fetch,
           "copy or download data.source into data/raw and verify its sha256",
@@ -155,22 +177,35 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=("artifacts/retriever",), metrics=("metrics/train_retriever.json",),
           plots=(Plot("plots/train_retriever.json", "step", "loss"),),
           log=log.log_train_retriever, resume=True, comment=_RESUME_NOTE),
+    Stage("train-reranker", run_train_reranker,
+          "fine-tune the cross-encoder reranker on BM25 hard negatives (reranker.enabled)",
+          lambda c, p, m: (f"trained reranker -> {p.reranker}: " + _fmt(m, ".4g"))
+          if c.reranker.enabled else f"reranker disabled (reranker.enabled: false) -> "
+                                     f"{p.reranker_disabled}",
+          params=("seed", "reranker"), deps=("data/prepared", "artifacts/bm25"),
+          outs=("artifacts/reranker",), metrics=("metrics/train_reranker.json",),
+          plots=(Plot("plots/train_reranker.json", "step", "loss"),),
+          log=log.log_train_reranker, resume=True,
+          comment="reranker.enabled: false writes artifacts/reranker/DISABLED.json (no model)\n"
+                  + _RESUME_NOTE),
     Stage("build-index", run_build_index, "encode the corpus and build the FAISS index",
           lambda c, p, out: f"built {c.index.kind} index {out}",
           params=("index",), deps=("data/prepared/corpus.jsonl", "artifacts/retriever"),
           outs=("artifacts/embeddings", "artifacts/index"), log=log.log_build_index),
     Stage("eval-retriever", run_eval_retriever,
-          "recall@k / MRR / nDCG of BM25, untrained, trained and hybrid retrieval",
+          "recall@k / MRR / nDCG of BM25, untrained, trained, hybrid (and reranked) retrieval",
           _say_eval_retriever,
-          params=("evaluation", "retriever.kind", "retriever.hybrid"),
-          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index"),
+          params=("evaluation", "retriever.kind", "retriever.hybrid", *_RERANK_PARAMS),
+          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
+                "artifacts/reranker"),
           outs=("artifacts/eval/retriever_test.jsonl",), metrics=("metrics/retriever.json",),
           log=log.log_eval_retriever),
     Stage("retrieve", run_retrieve,
           "retrieve the top passages of every question (generator input)",
           lambda c, p, m: f"retrieved top passages -> {p.retrieved}: " + _fmt(m, ".4f"),
-          params=("retriever.kind", "retriever.top_k", "retriever.hybrid"),
-          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index"),
+          params=("retriever.kind", "retriever.top_k", "retriever.hybrid", *_RERANK_PARAMS),
+          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
+                "artifacts/reranker"),
           outs=("artifacts/retrieved",), log=log.log_metrics,
           comment="the top passages of every question: what the generator trains and is "
                   "evaluated on"),
@@ -199,28 +234,53 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           comment="the self-contained RAG model (retriever + index + BM25 + generator + corpus "
                   "+ manifest)"),
     Stage("register", run_register,
-          "register the RAG model (artifacts/rag) in MLflow as the challenger (the pipeline's "
-          "last stage)", _say_register,
+          "register the RAG model (artifacts/rag) in MLflow as the challenger",
+          _say_register,
           params=("registry", "tracking"),
           deps=("artifacts/rag", "metrics/retriever.json", "metrics/generator.json"),
           outs=("artifacts/registered.json",), own_run=True,
           comment="the RAG model and its parts into the MLflow registry as `challenger` "
                   "(registry.register:\nfalse skips it); `ragtrain promote` makes it the "
                   "champion if it beats the current one"),
+    Stage("report", run_report,
+          "the run report: one self-contained HTML page (metrics beside the champion's, "
+          "curves, failures, every question, lineage)",
+          lambda c, p, r: describe_report(r),
+          params=("evaluation.split", "retriever.kind", "retriever.top_k", "registry",
+                  "tracking"),
+          deps=("metrics/retriever.json", "metrics/generator.json",
+                "metrics/train_retriever.json", "metrics/train_generator.json",
+                "plots/train_retriever.json", "plots/train_generator.json",
+                "artifacts/eval/retriever_test.jsonl", "artifacts/eval/generator_test.jsonl",
+                "data/prepared/corpus.jsonl", "artifacts/registered.json"),
+          outs=("reports/report.html",), log=log.log_report,
+          options=(Option(("-o", "--output"), "output", "write the report here instead of "
+                          "reports/report.html", Path),),
+          comment="the pipeline's last stage; it compares with the registry's champion of the "
+                  "moment: after\n`ragtrain promote`, `ragtrain report` redraws it"),
 )}
 
 
 def run_stage(name: str, cfg: Config, paths: Paths, **kwargs: Any) -> Any:
     """Run a stage inside its MLflow run (what the CLI, hence dvc.yaml, calls)."""
     stage = STAGES[name]
+    t0 = time.perf_counter()
+    before = read_timings(paths.timings)
     if stage.own_run:
-        return stage.fn(cfg, paths, **kwargs)
+        result = stage.fn(cfg, paths, **kwargs)
+        record_timings(paths.timings, {f"{stage.dvc_name}/wall_seconds": time.perf_counter() - t0})
+        return result
     with log.tracked(cfg, paths, name) as run:
         if run is not None and stage.resume:
             kwargs["on_step"] = lambda step, logs: run.log_metrics(logs, step=step)
         result = stage.fn(cfg, paths, **kwargs)
         if run is not None and stage.log is not None:
             stage.log(run, cfg, paths, result)
+        record_timings(paths.timings, {f"{stage.dvc_name}/wall_seconds": time.perf_counter() - t0})
+        if run is not None:  # this stage's figures (wall time, training time, answers/s)
+            after = read_timings(paths.timings)
+            run.log_metrics({k: v for k, v in after.items()
+                             if k.startswith(f"{stage.dvc_name}/") and before.get(k) != v})
     return result
 
 

@@ -89,6 +89,18 @@ def log_train_retriever(run: tracking.RunHandle, cfg: Config, paths: Paths,
                   paths.retriever / "retriever.json", "retriever", ["loss"])
 
 
+def log_train_reranker(run: tracking.RunHandle, cfg: Config, paths: Paths,
+                       result: Any) -> None:
+    """Final metrics, the loss and learning-rate curves, the reranker's spec; when disabled,
+    the marker alone."""
+    if not cfg.reranker.enabled:
+        run.log_metrics(numeric(result))
+        run.log_dict(json.loads(paths.reranker_disabled.read_text()), "reranker_disabled.json")
+        return
+    _log_training(run, result, paths.reranker_train_metrics, paths.reranker_train_plot,
+                  paths.reranker / "reranker.json", "reranker", ["loss", "lr"])
+
+
 def log_build_index(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any) -> None:
     """The index's metadata, and the encoder and corpus it was built from as tags."""
     meta = json.loads((paths.index / "meta.json").read_text())
@@ -106,7 +118,8 @@ def log_eval_retriever(run: tracking.RunHandle, cfg: Config, paths: Paths,
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "recall_at_k.png"
         tracking.plot_recall_at_k(result, cfg.evaluation.split, png,
-                                  ["bm25", "untrained", "dense", "hybrid"])
+                                  ["bm25", "untrained", "dense", "hybrid"]
+                                  + (["reranked"] if cfg.reranker.enabled else []))
         run.log_artifact(png, "plots")
     _log_evaluation_set(run, cfg, paths)
 
@@ -134,3 +147,10 @@ def log_evaluate(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any
 def log_package(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any) -> None:
     """The bundle's manifest."""
     run.log_dict(result, "rag_manifest.json")
+
+
+def log_report(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any) -> None:
+    """The report page itself (open it from the run's artifacts) and which champion it shows."""
+    run.log_artifact(Path(result["path"]), "report")
+    run.set_tags({"ragtrain.report": result["path"],
+                  "ragtrain.report_champion": result["champion"] or "none"})
