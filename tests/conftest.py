@@ -63,7 +63,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TINY_RAG_PARAMS = """
+# the data and retriever sections every tiny project shares ({source}, {bert} to fill in)
+TINY_RETRIEVER_PARAMS = """
 data:
   source: {source}
   sha256: ""
@@ -75,7 +76,9 @@ retriever:
   checkpoint_every: 1
   precision: fp32
   top_k: 2
-generator:
+"""
+
+TINY_RAG_PARAMS = TINY_RETRIEVER_PARAMS + """generator:
   model_name: {bert}
   max_source_tokens: 96
   max_answer_tokens: 8

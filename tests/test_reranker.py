@@ -26,7 +26,7 @@ from ragtrain.retrieval.reranker_training import (
     negative_pools,
     train_reranker,
 )
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS
 
 # ----------------------------------------------------------------- loss
 
@@ -298,19 +298,7 @@ def test_disabled_stage_writes_its_marker_only(tmp_path: Path,
     assert json.loads((tmp_path / files[2]).read_text()) == []
 
 
-RERANK_PARAMS = """
-data:
-  source: {source}
-  sha256: ""
-retriever:
-  model_name: {bert}
-  batch_size: 2
-  questions_per_passage: 2
-  max_steps: 2
-  checkpoint_every: 1
-  precision: fp32
-  top_k: 2
-reranker:
+RERANK_PARAMS = TINY_RETRIEVER_PARAMS + """reranker:
   enabled: {enabled}
   model_name: {bert}
   max_length: 64
