@@ -116,3 +116,13 @@ def tiny_rag_project(tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.Mo
                   "retrieve", "train-generator", "evaluate", "package"):
         assert cli.main([stage]) == 0, stage
     return tmp_path
+
+
+def tamper_safetensors(path: Path) -> None:
+    """Shift the first tensor of a saved safetensors file by 1 (weights edited on disk)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1
+    save_file(sd, str(path), metadata={"format": "pt"})

@@ -110,17 +110,22 @@ def test_copy_loss_is_the_mixture_likelihood_of_answer_tokens(tiny_bert_dir: Pat
     assert bool((lp <= 1e-6).all())
 
 
+def overfit(g: Generator, exs: list[Example], *, steps: int, lr: float) -> None:
+    """Train ``g`` for ``steps`` AdamW steps on ``exs`` as one batch."""
+    b = g.collate([g.encode(e) for e in exs])
+    opt = torch.optim.AdamW(g.model.parameters(), lr=lr)
+    g.model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        g.loss(b).backward()
+        opt.step()
+
+
 def test_copy_model_learns_to_copy_and_constrained_decoding_snaps(tiny_bert_dir: Path) -> None:
     g = copy_gen(tiny_bert_dir)
     exs = [Example("who won?", PASSAGES, "Denver Broncos"),
            Example("where was it?", PASSAGES, "Levi's Stadium")]
-    b = g.collate([g.encode(e) for e in exs])
-    opt = torch.optim.AdamW(g.model.parameters(), lr=3e-3)
-    g.model.train()
-    for _ in range(60):
-        opt.zero_grad()
-        g.loss(b).backward()
-        opt.step()
+    overfit(g, exs, steps=60, lr=3e-3)
     preds = g.answer(exs, decoding="constrained")
     # the passage's own text ("Levi's", capitalised), not WordPiece decoding ("levi ' s")
     assert [p.answer for p in preds] == ["Denver Broncos", "Levi's Stadium"]
@@ -189,13 +194,7 @@ def trained_causal(tmp_path: Path, tiny_bert_dir: Path, exs: list[Example]) -> G
     torch.manual_seed(0)
     g = Generator.from_pretrained(GeneratorConfig(kind="causal", model_name=str(
         causal_dir(tmp_path, tiny_bert_dir)), max_source_tokens=64, max_answer_tokens=8))
-    b = g.collate([g.encode(e) for e in exs])
-    opt = torch.optim.AdamW(g.model.parameters(), lr=1e-2)
-    g.model.train()
-    for _ in range(40):
-        opt.zero_grad()
-        g.loss(b).backward()
-        opt.step()
+    overfit(g, exs, steps=40, lr=1e-2)
     return g
 
 

@@ -26,7 +26,7 @@ from ragtrain.retrieval.reranker_training import (
     negative_pools,
     train_reranker,
 )
-from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS
+from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS, tamper_safetensors
 
 # ----------------------------------------------------------------- loss
 
@@ -165,13 +165,7 @@ def test_save_load_same_scores_and_fingerprint(tiny_reranker: Reranker, tmp_path
         back.model.classifier.bias.add_(1.0)
     assert back.fingerprint() != before
     # weights edited on disk after saving are refused
-    from safetensors.torch import load_file, save_file
-
-    f = tmp_path / "r/model/model.safetensors"
-    sd = load_file(str(f))
-    k = next(iter(sd))
-    sd[k] = sd[k] + 1
-    save_file(sd, str(f), metadata={"format": "pt"})
+    tamper_safetensors(tmp_path / "r/model/model.safetensors")
     with pytest.raises(RagtrainError, match="do not match the fingerprint"):
         Reranker.load(tmp_path / "r")
     with pytest.raises(RagtrainError, match="reranker.json: missing"):
