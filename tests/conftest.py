@@ -82,6 +82,7 @@ TINY_RAG_PARAMS = TINY_RETRIEVER_PARAMS + """generator:
   model_name: {bert}
   max_source_tokens: 96
   max_answer_tokens: 8
+  answer_from: 2  # two inputs of retriever.top_k (2) passages each
   batch_size: 2
   max_steps: 3
   eval_every: 0

@@ -59,7 +59,8 @@ def test_code_deps_follow_imports() -> None:
             "src/ragtrain/__init__.py", "src/ragtrain/io.py"} <= set(bm25)
     assert "src/ragtrain/data/prepare.py" not in bm25  # only what the function reaches
     assert "src/ragtrain/evaluation/rag_qa/rag_qa.py" in stages.STAGES["evaluate"].code()
-    for name in ("train-retriever", "train-reranker", "train-generator"):  # resume fp = deps
+    for name in ("train-retriever", "train-reranker", "train-generator",
+                 "train-rag"):  # resume fp = deps
         stage = stages.STAGES[name]
         assert stage.resume
         assert [h.split()[0] for h in code_hashes(stage.fn)] == stage.code()

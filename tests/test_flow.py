@@ -86,8 +86,8 @@ def test_flow_runs_dvc_stages_with_overrides(prefect_server: None, tmp_path: Pat
     assert parent.info.status == "FINISHED"
     assert {r.info.run_name for r in children} == {
         "fetch", "prepare", "build-bm25", "train-retriever", "train-reranker", "build-index",
-        "eval-retriever", "retrieve", "train-generator", "evaluate", "package", "register",
-        "report"}
+        "eval-retriever", "retrieve", "train-generator", "train-rag", "evaluate", "package",
+        "register", "report"}
     # registered by the register stage, then promoted by the flow (promote=True)
     assert str(mc.get_model_version_by_alias("ragtrain-rag", "champion").version) == "1"
     assert parent.data.metrics["test/recall_at_1"] == pytest.approx(metrics["test/recall_at_1"])

@@ -46,6 +46,9 @@ def test_generator_stages_end_to_end(tiny_rag_project: Path,
     assert m["test/answer_recall_at_2"] == round(
         sum(r["answer_in_passages"] for r in rows) / n, 4)
     assert {"test/untrained/em", "test/untrained/f1", "test/untrained/accuracy"} <= set(m)
+    # answer_from 2: the kept answers beside the same generator reading its first input only
+    assert {"test/first_input/em", "test/first_input/f1", "test/answer_recall_at_4"} <= set(m)
+    assert manifest_reading(p) == {"answer_from": 2, "answer_weight": 3.0}
     manifest = json.loads((p / "artifacts/rag/rag.json").read_text())
     assert manifest["encoder_fingerprint"] == manifest["index_encoder_fingerprint"]
     assert manifest["eval_set_sha256"] and manifest["metrics"]["test/f1"] == m["test/f1"]
@@ -53,11 +56,12 @@ def test_generator_stages_end_to_end(tiny_rag_project: Path,
     capsys.readouterr()
     assert run("ask", "What", "river", "is", "Paris", "on?") == 0
     out = capsys.readouterr().out
-    assert out.startswith("answer: ") and "[1] " in out and "[2] " in out and "[3]" not in out
+    # the passages read: answer_from (2) inputs of top_k (2) passages each
+    assert out.startswith("answer: ") and "[4] " in out and "[5]" not in out
     assert run("ask", "--bundle", "artifacts/rag", "--json", "--top-k", "3",
                "Which river runs through Rome?") == 0
     a = json.loads(capsys.readouterr().out)
-    assert len(a["passages"]) == 3 and a["answer"] == a["answer"].strip()
+    assert len(a["passages"]) == 5 and a["answer"] == a["answer"].strip()  # 2 x 3, of 5
     assert all(set(x) == {"id", "title", "text", "score"} for x in a["passages"])
     # every answer of the (constrained) copy generator is a span of a cited passage
     assert a["answer"] and any(a["answer"] in x["text"] for x in a["passages"])
@@ -96,8 +100,8 @@ def test_missing_references_are_named(tiny_rag_project: Path,
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tiny_rag_project / "metrics/generator.json").unlink()
     capsys.readouterr()
-    assert run("evaluate") == 2
-    assert "test.jsonl:1: no reference answer" in capsys.readouterr().err
+    assert run("evaluate") == 2  # mixed data leaves such questions out; with none left: refused
+    assert "test.jsonl: no question has a reference answer to score" in capsys.readouterr().err
     assert not (tiny_rag_project / "metrics/generator.json").exists()
 
 
@@ -149,3 +153,7 @@ def test_generator_stage_runs_are_tracked_in_mlflow(tiny_rag_project: Path) -> N
         "predictions/generator_test.jsonl"]
     assert ev.inputs.dataset_inputs
     assert "rag_manifest.json" in {a.path for a in mc.list_artifacts(runs["package"].info.run_id)}
+
+
+def manifest_reading(project: Path) -> dict:
+    return json.loads((project / "artifacts/rag/rag.json").read_text())["reading"]

@@ -76,7 +76,7 @@ def load_in_fresh_process(uri: str, name: str = "ragtrain-rag") -> list[dict]:
 def check_answers(out: list[dict]) -> None:
     (a,) = out
     assert a["question"] == QUESTION and isinstance(a["answer"], str) and a["answer"].strip()
-    assert len(a["passages"]) == 2
+    assert len(a["passages"]) == 4  # answer_from 2 inputs x top_k 2
     assert {"id", "title", "text", "score"} <= set(a["passages"][0])
     ids = {json.loads(x)["id"] for x in (FIXTURES / "tiny_jsonl/corpus.jsonl").open()}
     assert {p["id"] for p in a["passages"]} <= ids

@@ -60,7 +60,9 @@ def _load_rag(cfg: Config, paths: Paths, args: argparse.Namespace) -> Any:
         version, model = load_registered_rag(cfg, paths, args.alias)
         print(f"{cfg.registry.model_name}@{args.alias} = version {version}", file=sys.stderr)
         return model
-    return RAGModel.from_parts(cfg.retriever, **paths.rag_parts(),
+    from ragtrain.pipeline.generation import model_parts
+
+    return RAGModel.from_parts(cfg.retriever, **model_parts(cfg, paths),
                                precision=cfg.generator.precision)
 
 
@@ -74,23 +76,48 @@ def _cmd_ask(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(a, ensure_ascii=False, indent=1))
         return
-    print(f"answer: {a['answer']}")
+    if "answer" in a:  # a retriever model (no generator) prints the ranked passages alone
+        print(f"answer: {a['answer']}")
     for i, p in enumerate(a["passages"], 1):
-        mark = " <- answer" if p["id"] == a["answer_passage"] else ""
+        mark = " <- answer" if "answer" in a and p["id"] == a["answer_passage"] else ""
         text = p["text"] if len(p["text"]) <= 300 else p["text"][:297] + "..."
         print(f"[{i}] {p['id']} (score {p['score']:.3f}){mark}\n    {text}")
 
 
 def _cmd_predict(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
     from ragtrain.data.questions import read_questions
+    from ragtrain.errors import DataError
     from ragtrain.io import atomic_path, write_jsonl
 
+    if any(c.isspace() for c in args.trec_tag) or not args.trec_tag:
+        raise DataError(f"--trec-tag: one word without spaces, got {args.trec_tag!r}")
     rows = read_questions(args.questions)
     answers = _load_rag(cfg, paths, args).answer([r["question"] for r in rows],
                                                  top_k=args.top_k)
+    ranked = [{"id": r["id"], "question": a["question"],
+               "passage_ids": [p["id"] for p in a["passages"]],
+               "scores": [p["score"] for p in a["passages"]]}
+              for r, a in zip(rows, answers, strict=True)]
     with atomic_path(args.output) as tmp:
-        write_jsonl(tmp, ({"id": r["id"], **a} for r, a in zip(rows, answers, strict=True)))
-    print(f"{len(rows)} answers -> {args.output}")
+        write_jsonl(tmp, ({"id": r["id"], **a} if "answer" in a else k
+                          for r, a, k in zip(rows, answers, ranked, strict=True)))
+    if args.trec:
+        from ragtrain.io import atomic_write_text
+
+        atomic_write_text(args.trec, trec_run(ranked, args.trec_tag))
+    kind = "answers" if answers and "answer" in answers[0] else "ranked passage lists"
+    print(f"{len(rows)} {kind} -> {args.output}"
+          + (f"; TREC run -> {args.trec}" if args.trec else ""))
+
+
+def trec_run(ranked: list[dict[str, Any]], tag: str = "ragtrain") -> str:
+    """A TREC run file: ``query-id Q0 passage-id rank score tag`` per line, best first (what
+    trec_eval / pytrec_eval / BEIR's evaluation read)."""
+    lines = []
+    for r in ranked:
+        for rank, (pid, score) in enumerate(zip(r["passage_ids"], r["scores"], strict=True), 1):
+            lines.append(f"{r['id']} Q0 {pid} {rank} {score:.6f} {tag}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _cmd_pipeline(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
@@ -199,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("questions", type=Path, help="questions: .jsonl with a "
                             "\"question\" (and optional \"id\") per line, or one per line")
             sp.add_argument("-o", "--output", type=Path, required=True,
-                            help="answers .jsonl (written atomically)")
+                            help="answers .jsonl (written atomically); a retriever model "
+                            "writes {id, question, passage_ids, scores} per question")
+            sp.add_argument("--trec", type=Path, default=None, metavar="FILE",
+                            help="also write a TREC run file (query-id Q0 passage-id rank "
+                            "score tag), e.g. for trec_eval against BEIR qrels")
+            sp.add_argument("--trec-tag", default="ragtrain", help="the run tag (default: "
+                            "ragtrain)")
         src = sp.add_mutually_exclusive_group()
         src.add_argument("--bundle", type=Path, help="a RAG model bundle (artifacts/rag)")
         src.add_argument("--champion", dest="alias", action="store_const", const="champion",

@@ -161,7 +161,13 @@ class GeneratorConfig:
     # copy: a BERT-style encoder warm start used as one prefix-LM with a copy (pointer) head, the
     # offline default (the bundled "all-MiniLM-L6-v2"); seq2seq: AutoModelForSeq2SeqLM (T5, BART);
     # causal: AutoModelForCausalLM (loss on the answer tokens only; chat template if it has one).
-    kind: Literal["copy", "seq2seq", "causal"] = "copy"
+    # hf_rag: transformers' RagTokenForGeneration / RagSequenceForGeneration (rag_variant) reading
+    # the passages ragtrain's retriever found (each passage its own encoder input).
+    kind: Literal["copy", "seq2seq", "causal", "hf_rag"] = "copy"
+    # auto: train and evaluate the generator when the data has reference answers (retrieval-only
+    # data such as BEIR skips it: the stages write a DISABLED.json marker and the retriever is
+    # packaged and registered on its own); false: always skip; true: require answers.
+    enabled: Literal["auto", True, False] = "auto"
     model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
     gguf_file: str = ""  # causal: a GGUF file inside model_name's folder (transformers gguf_file=)
     max_source_tokens: int = _f(256, ge=16)  # question + passages; passages share it fairly
@@ -172,6 +178,11 @@ class GeneratorConfig:
     template: str = "question: {question}\ncontext: {context}\nanswer:"
     gold_share: float = _f(0.5, ge=0, le=1)  # training examples with the gold passage forced in
     decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
+    # answering: the generator reads answer_from inputs of retriever.top_k passages each (the
+    # top_k best, the next top_k, ...) and keeps the answer with the best mean token log-prob +
+    # answer_weight * the retrieval score of its input's first passage (1 = one input only)
+    answer_from: int = _f(3, ge=1)
+    answer_weight: float = _f(3.0, ge=0)
     batch_size: int = _f(16, ge=1)
     grad_accum_steps: int = _f(1, ge=1)
     lr: float = _f(1.0e-4, gt=0)
@@ -187,6 +198,52 @@ class GeneratorConfig:
     checkpoint_every: int = _f(100, ge=1)
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(32, ge=1)
+    # seq2seq / causal: LoRA adapters (peft: pip install -e .[lora]) instead of full fine-tuning;
+    # 0 = off. Saved merged into model/ (loading needs no peft) and as adapter/ beside it.
+    lora_r: int = _f(0, ge=0)
+    lora_alpha: float = _f(16.0, gt=0)
+    lora_dropout: float = _f(0.05, ge=0, lt=1)
+    # [] = peft's default for the architecture (attention q/v projections: c_attn for GPT-2, q/v
+    # for T5, q_proj/v_proj for BART, Llama, ...), all linear layers when peft has none
+    lora_target_modules: list[str] = _f([])
+    rag_variant: Literal["token", "sequence"] = "token"  # hf_rag: RAG-Token | RAG-Sequence
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    # RAG trained as one model (train_rag, after train_generator): the answer's likelihood
+    # marginalised over the top_k passages the trainable query encoder retrieves from the fixed
+    # index; gradients reach the query encoder (through p(z|x)) and the generator, the passage
+    # embeddings and index stay fixed. Off: the stage writes artifacts/rag_joint/DISABLED.json.
+    enabled: bool = False
+    marginal: Literal["sequence", "token"] = "sequence"  # RAG-Sequence | RAG-Token
+    top_k: int = _f(4, ge=1)  # passages marginalised over per question
+    temperature: float = _f(0.05, gt=0)  # p(z|x) = softmax(cos(e_q, e_z) / temperature)
+    cosine_weight: float = _f(0.0, ge=0)  # auxiliary 1 - cos(e_q, e_gold); 0 = off
+    batch_size: int = _f(4, ge=1)  # questions per step (each read with top_k passages)
+    grad_accum_steps: int = _f(1, ge=1)
+    retriever_lr: float = _f(1.0e-5, gt=0)  # the query encoder
+    generator_lr: float = _f(3.0e-5, gt=0)
+    weight_decay: float = _f(0.01, ge=0)
+    warmup_ratio: float = _f(0.06, ge=0, lt=1)
+    grad_clip: float = _f(1.0, ge=0)
+    epochs: int = _f(1, ge=1)
+    max_steps: int = _f(500, ge=0)  # 0 = epochs decide
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    eval_every: int = _f(0, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
+    dev_questions: int = _f(300, ge=0)  # dev questions answered per evaluation; 0 = all
+    checkpoint_every: int = _f(50, ge=1)
+    early_stopping_patience: int = _f(0, ge=0)
+    eval_batch_size: int = _f(32, ge=1)
+    # index refresh (rag-end2end / Atlas): the passage encoder trains too (p(z|x) from live
+    # passage embeddings), the corpus re-encoded every refresh_every steps (0 = never)
+    train_passages: bool = False
+    refresh_every: int = _f(0, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.refresh_every and not self.train_passages:
+            raise ConfigError(f"refresh_every: the index only changes when train_passages is "
+                              f"true, got {self.refresh_every} with train_passages false")
 
 
 @dataclass(frozen=True)
@@ -214,6 +271,9 @@ class RegistryConfig:
     greater_is_better: bool = True
     min_gain: float = _f(0.0, ge=0)  # a challenger must beat the champion by more than this
     floor: float = 10.0  # the first champion must meet it (greater_is_better false: a ceiling)
+    # a retriever-only model (no generator: data without answers) is judged on this instead
+    retrieval_metric: str = _f("test/ndcg_at_10", pattern=r"^[/\w.\- ]+$")
+    retrieval_floor: float = 0.0  # the first retriever-only champion must meet it
 
 
 @dataclass(frozen=True)
@@ -224,6 +284,7 @@ class Config:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

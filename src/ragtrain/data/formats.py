@@ -288,15 +288,18 @@ def _question_lines(m: Member, id_key: str, what: str
 
 def read_jsonl_pair(corpus: Member, qa: Member) -> Dataset:
     """The user's own data: corpus.jsonl (id, title?, text) + qa.jsonl (id, question, answers,
-    gold_passage_ids?). Without gold ids, the passages containing an answer are the gold."""
+    gold_passage_ids?). Without gold ids, the passages containing an answer are the gold; with
+    them, answers may be left out (a question for the retriever only)."""
     units = _read_corpus_jsonl(corpus, "id")
     by_id = {u.unit_id: u for u in units}
     questions: list[Question] = []
     skipped: Counter[str] = Counter()
     for w, qid, obj in _question_lines(qa, "id", "question id"):
         question = _field(obj, "question", w, str)
-        answers = _answers(obj, w)
         gold_raw = _field(obj, "gold_passage_ids", w, list, required=False)
+        # with gold ids, answers may be absent or [] (a retrieval-only question: the retriever
+        # trains on it, the generator leaves it out and counts it)
+        answers = _answers(obj, w, required=gold_raw is None)
         if gold_raw is not None:
             gold = []
             for i, g in enumerate(gold_raw):
@@ -307,7 +310,7 @@ def read_jsonl_pair(corpus: Member, qa: Member) -> Dataset:
                 gold.append(str(g))
             if not gold:
                 raise DataError(f"{w}: gold_passage_ids is an empty list")
-            if not _locate(answers, [by_id[g] for g in gold]):
+            if answers and not _locate(answers, [by_id[g] for g in gold]):
                 skipped["answer_not_in_gold_passage"] += 1
         else:
             gold = _locate(answers, units)

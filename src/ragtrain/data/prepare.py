@@ -220,10 +220,17 @@ def prepare_dataset(ds: Dataset, cfg: DataConfig, tokenize: Tokenize | None = No
     }
     for reason, n in sorted(ds.skipped.items()):
         stats[f"data/skipped_{reason}"] = n
+    # questions without a reference answer (BEIR, or own data with gold ids only): the retriever
+    # trains on them, the generator does not (counted only when there are some)
+    no_answer = sum(not q.answers for q in ds.questions)
+    if no_answer:
+        stats["data/questions_without_answers"] = no_answer
     for s in SPLITS:
         stats[f"{s}/documents"] = sum(1 for v in split_of.values() if v == s)
         stats[f"{s}/questions"] = len(queries[s])
         stats[f"{s}/labels_lost"] = sum(1 for r in queries[s] if not r["gold_passage_ids"])
+        if no_answer:
+            stats[f"{s}/questions_without_answers"] = sum(not r["answers"] for r in queries[s])
     stats.update(_percentiles([len(tokenize(p.text)) for p in passages], "data/passage_tokens"))
     stats.update(_percentiles([len(q.question.split()) for q in ds.questions],
                               "data/question_words"))

@@ -234,6 +234,27 @@ class CopyBackend(Generator):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.loss(batch)
 
+    def passage_log_probs(self, examples: Sequence[Example]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (question, passage z) read alone; one answer target per question under every
+        passage: the tokens of the best-ranked passage that holds the answer, else of the first
+        (so with k = 1 it is exactly the target ``loss`` trains on)."""
+        ks = {len(ex.passages) for ex in examples}
+        if len(ks) != 1:
+            raise GeneratorError(f"passage_log_probs: every example needs the same number of "
+                                 f"passages, got {sorted(ks)}")
+        k = ks.pop()
+        encoded: list[dict[str, Any]] = []
+        for ex in examples:
+            per = [self.encode(Example(ex.question, [p], ex.answer)) for p in ex.passages]
+            has = [i for i, p in enumerate(ex.passages) if ex.answer.lower() in p.text.lower()]
+            tgt = per[has[0] if has and ex.answer else 0]["tgt"]
+            encoded += [{"src": e["src"], "tgt": tgt} for e in per]
+        batch = self.collate(encoded)
+        lp = self.model.token_log_probs(batch)  # (N*k, T)
+        n = len(examples)
+        return lp.view(n, k, -1), batch["tgt_mask"].view(n, k, -1)[:, 0].bool()
+
     # ------------------------------------------------------------------ answering
 
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:

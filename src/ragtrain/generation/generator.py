@@ -7,7 +7,10 @@ One interface (``Generator``) with a backend per kind, looked up by ``spec.kind`
 - ``seq2seq`` (``generation/hf.py``): any ``AutoModelForSeq2SeqLM`` (T5, BART), prompt from
   ``template``.
 - ``causal`` (``generation/hf.py``): any ``AutoModelForCausalLM``; the loss is masked to the
-  answer tokens; the model's chat template wraps the prompt when it has one.
+  answer tokens; the model's chat template wraps the prompt when it has one. Both HF kinds can
+  train LoRA adapters instead (``generation/lora.py``).
+- ``hf_rag`` (``generation/hf_rag.py``): transformers' ``RagTokenForGeneration`` /
+  ``RagSequenceForGeneration`` reading ragtrain's retrieved passages (``context_input_ids``).
 
 A new kind is a new backend module (a ``Generator`` subclass) plus one entry in ``backend``'s
 table.
@@ -46,6 +49,9 @@ class Example:
     question: str
     passages: list[Passage]
     answer: str = ""
+    # the retriever's score of each passage (hf_rag: the prior p(z|x) = softmax of them); empty:
+    # unknown, a uniform prior
+    passage_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -89,11 +95,13 @@ def backend(kind: str) -> type[Generator]:
     # imports (not names in strings) so the stages' code closure (pipeline/code.py) sees them
     from ragtrain.generation.copy import CopyBackend
     from ragtrain.generation.hf import CausalBackend, Seq2SeqBackend
+    from ragtrain.generation.hf_rag import HFRagBackend
 
     backends: dict[str, type[Generator]] = {
         "copy": CopyBackend,
         "seq2seq": Seq2SeqBackend,
         "causal": CausalBackend,
+        "hf_rag": HFRagBackend,
     }
     if kind not in backends:
         raise GeneratorError(f"generator kind {kind!r}: expected one of {sorted(backends)}")
@@ -121,20 +129,20 @@ class Generator(ABC):
     @classmethod
     def from_pretrained(cls, cfg: GeneratorConfig) -> Generator:
         """Warm start from ``cfg.model_name`` (bundled MiniLM, a folder, or a hub name)."""
-        from transformers import AutoTokenizer
-
         impl = backend(cfg.kind)
         path = resolve_model_path(cfg.model_name)
         kw: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         try:
-            tok = AutoTokenizer.from_pretrained(path, **kw)
+            tok = impl._pretrained_tokenizer(path, kw)
             model = impl._pretrained_model(path, kw)
         except OSError as e:
             raise model_load_error(cfg.model_name, e) from None
         impl._check_tokenizer(tok, cfg.model_name)
         spec = GeneratorSpec.from_config(cfg)
         spec = GeneratorSpec(**{**asdict(spec), "tokenizer_sha256": tokenizer_sha256(tok)})
-        return impl(spec, model, tok)
+        gen = impl(spec, model, tok)
+        gen.configure(cfg)
+        return gen
 
     @classmethod
     def load(cls, in_dir: Path) -> Generator:
@@ -162,9 +170,24 @@ class Generator(ABC):
             self._save_model(tmp)
             atomic_write_json(tmp / SPEC_FILE, asdict(self.spec))
 
+    def configure(self, cfg: GeneratorConfig) -> None:
+        """Settings a kind takes from ``cfg`` on a fresh warm start (LoRA adapters, the RAG
+        variant); a kind without them refuses LoRA."""
+        if cfg.lora_r:
+            raise GeneratorError(f"generator.lora_r: LoRA is for the seq2seq and causal kinds, "
+                                 f"not {self.spec.kind!r}; got lora_r={cfg.lora_r}")
+
     def new_param_prefixes(self) -> tuple[str, ...]:
         """Parameter name prefixes that start untrained (they get ``new_params_lr``)."""
         return ()
+
+    def passage_log_probs(self, examples: Sequence[Example]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint RAG training: log p(y_t | x, z, y_<t) of each example's answer read with each
+        of its k passages alone # (N, k, T), and the answer-token mask # (N, T) (the same
+        tokens under every passage). Kinds that do not implement it raise."""
+        raise GeneratorError(f"generator kind {self.spec.kind!r} does not give per-passage "
+                             "answer log-probabilities (joint RAG training needs them)")
 
     # ------------------------------------------------------------------ answering
 
@@ -232,6 +255,13 @@ class Generator(ABC):
     @abstractmethod
     def _embedding_rows(self) -> int:
         """Rows of the model's input embedding (at least the tokenizer's size)."""
+
+    @classmethod
+    def _pretrained_tokenizer(cls, path: str, kw: dict[str, Any]) -> Any:
+        """The warm start's tokenizer (the one the generator reads and writes with)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, **kw)
 
     @classmethod
     def _check_tokenizer(cls, tok: Any, model_name: str) -> None:

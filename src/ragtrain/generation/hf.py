@@ -4,28 +4,44 @@ Both render the prompt from ``template`` (``inputs.render_prompt``), train on th
 loss (labels -100 outside the answer) and answer with greedy ``generate``. They differ in the
 model class, how the prompt becomes ids (the causal kind applies the model's chat template when
 it has one, and keeps the prompt's end), how a batch is padded and where the answer starts in
-the generated sequence.
+the generated sequence. With ``generator.lora_r > 0`` only LoRA adapters train
+(``generation/lora.py``); the saved model has them merged in.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ragtrain.generation.generator import Example, Generator, Prediction
+from ragtrain import runtime
+from ragtrain.config import GeneratorConfig
+from ragtrain.generation import lora
+from ragtrain.generation.generator import Example, Generator, GeneratorSpec, Prediction
 from ragtrain.generation.inputs import render_prompt
+
+
+def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` on the device that holds ``model`` (batches are built on the CPU)."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 class HFBackend(Generator):
     """What the seq2seq and causal kinds share: weights saved with ``save_pretrained`` in
-    ``model/``, the prompt, the loss and decoding by ``generate``."""
+    ``model/``, the prompt, the loss and decoding by ``generate``; on a GPU when there is one."""
 
     AUTO_CLASS: ClassVar[str]  # the transformers Auto class that loads this kind
+    LORA_TASK: ClassVar[str]  # peft's task type for this kind
+
+    def __init__(self, spec: GeneratorSpec, model: nn.Module, tok: Any) -> None:
+        super().__init__(spec, model, tok)
+        self.model.to(runtime.device())
 
     @classmethod
     def _auto_class(cls) -> Any:
@@ -43,8 +59,18 @@ class HFBackend(Generator):
         model: nn.Module = cls._auto_class().from_pretrained(in_dir / "model")
         return model
 
+    def configure(self, cfg: GeneratorConfig) -> None:
+        if cfg.lora_r:
+            self.model, settings = lora.add_lora(self.model, cfg, self.LORA_TASK)
+            self.spec = replace(self.spec, extra={**self.spec.extra, "lora": settings})
+
     def _save_model(self, tmp: Path) -> None:
-        self.model.save_pretrained(tmp / "model", safe_serialization=True)
+        if lora.is_lora(self.model):
+            # the adapters alone (safetensors), and merged: a plain model that loads without peft
+            self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            lora.merged(self.model).save_pretrained(tmp / "model", safe_serialization=True)
+        else:
+            self.model.save_pretrained(tmp / "model", safe_serialization=True)
 
     def _embedding_rows(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[0])
@@ -67,13 +93,13 @@ class HFBackend(Generator):
         return len(encoded["ids"])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(**batch)
+        out = self.model(**on_device(self.model, batch))
         return out.loss
 
     # ------------------------------------------------------------------ answering
 
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
-        batch = self.collate(chunk, for_training=False)
+        batch = on_device(self.model, self.collate(chunk, for_training=False))
         eos = self.tok.eos_token_id
         out = self.model.generate(**batch, max_new_tokens=self.spec.max_answer_tokens,
                                   do_sample=False, num_beams=1, pad_token_id=self.tok.pad_token_id,
@@ -101,6 +127,7 @@ class Seq2SeqBackend(HFBackend):
     """The ``seq2seq`` kind: any ``AutoModelForSeq2SeqLM`` (T5, BART)."""
 
     AUTO_CLASS = "AutoModelForSeq2SeqLM"
+    LORA_TASK = "SEQ_2_SEQ_LM"
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids: list[int] = self.tok(prompt, add_special_tokens=True)["input_ids"]
@@ -131,6 +158,7 @@ class CausalBackend(HFBackend):
     """The ``causal`` kind: any ``AutoModelForCausalLM``; the loss only on the answer."""
 
     AUTO_CLASS = "AutoModelForCausalLM"
+    LORA_TASK = "CAUSAL_LM"
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         if getattr(self.tok, "chat_template", None):

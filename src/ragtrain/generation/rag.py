@@ -1,9 +1,15 @@
-"""The RAG model: retriever (encoder + index, BM25, fusion) + generator, as one object.
+"""The RAG model: retriever (encoder + index, BM25, fusion; optionally a reranker) + generator,
+as one object.
 
 ``RAGModel.answer(questions)`` returns, per question, the answer and the cited passages with
-their retrieval scores. A *bundle* is a self-contained folder holding every part (weights as
-safetensors) and a manifest (``rag.json``) with the fingerprints that bind them: the index was
-built by this encoder from this corpus. It is what the MLflow registry stores and serves.
+their retrieval scores. Without a generator (retrieval-only data, e.g. BEIR) it is a retriever
+model: the same call returns the ranked passages and scores, no answer. With a reranker, the
+first stage's top ``candidates`` are reordered by the fused score, as the ``retrieve`` stage does.
+
+A *bundle* is a self-contained folder holding every part (weights as safetensors) and a manifest
+(``rag.json``) with the fingerprints that bind them: the index was built by this encoder from
+this corpus, and the reranker is the one the model was evaluated with. It is what the MLflow
+registry stores and serves.
 """
 
 from __future__ import annotations
@@ -11,39 +17,103 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ragtrain import runtime
-from ragtrain.config import RetrieverConfig, config_from_dict, to_dict
+from ragtrain.config import RerankerConfig, RetrieverConfig, config_from_dict, to_dict
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import IndexMismatchError, RagtrainError
-from ragtrain.generation.generator import Example, Generator
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 from ragtrain.retrieval.search import Retriever
 
 MANIFEST = "rag.json"
+RAG, RETRIEVER = "rag", "retriever"  # the manifest's "kind": with a generator, or without
+RERANKER_SPEC = "reranker.json"  # in a saved reranker folder: its spec and weights' fingerprint
+# what reranking at inference reads of reranker.* (the bundle records them)
+RERANK_KEYS = ("candidates", "fuse_weight", "eval_batch_size", "precision")
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """How the first stage's list is reranked: its top ``candidates`` by the fused score."""
+
+    candidates: int = 10
+    fuse_weight: float = 0.5
+    eval_batch_size: int = 64
+    precision: str = "auto"
+
+    @classmethod
+    def from_config(cls, rk: RerankerConfig) -> Rerank:
+        return cls(**{k: getattr(rk, k) for k in RERANK_KEYS})
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the generator reads the retrieved passages (``generation.reading``): ``answer_from``
+    inputs of ``top_k`` passages each, the answer kept by answer score + ``answer_weight`` x
+    retrieval score. A bundle without it (older ones) reads one input."""
+
+    answer_from: int = 1
+    answer_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, gc: Any) -> Reading:
+        return cls(gc.answer_from, gc.answer_weight)
+
+
+def reranker_fingerprint(reranker_dir: Path) -> str:
+    """The fingerprint a saved reranker records for its weights."""
+    f = Path(reranker_dir) / RERANKER_SPEC
+    if not f.is_file():
+        raise RagtrainError(f"{f}: missing; is {reranker_dir} a trained reranker? (run "
+                            "`ragtrain train-reranker` with reranker.enabled: true)")
+    fp = json.loads(f.read_text()).get("fingerprint")
+    if not fp:
+        raise RagtrainError(f"{f}: records no weights fingerprint")
+    return str(fp)
 
 
 @dataclass
 class RAGModel:
     retriever: Retriever
-    generator: Generator
+    generator: Any  # a Generator, or None: a retriever model (ranked passages, no answer)
     corpus: Corpus
     top_k: int
     precision: str = "auto"
     manifest: dict[str, Any] | None = None
+    reranker: Any = None  # a retrieval.reranker.Reranker, or None
+    rerank: Rerank = field(default_factory=Rerank)
+    reading: Reading = field(default_factory=Reading)
+    _texts: dict[str, str] | None = None
+
+    @property
+    def kind(self) -> str:
+        return RAG if self.generator is not None else RETRIEVER
 
     @classmethod
     def from_parts(cls, rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path,
-                   bm25_dir: Path, generator_dir: Path, corpus_path: Path,
-                   precision: str = "auto") -> RAGModel:
+                   bm25_dir: Path, corpus_path: Path, generator_dir: Path | None = None,
+                   precision: str = "auto", reranker_dir: Path | None = None,
+                   rerank: Rerank | None = None, reading: Reading | None = None) -> RAGModel:
+        """The model from its parts; no ``generator_dir``: a retriever model; a
+        ``reranker_dir``: reranked retrieval (``rerank`` settings)."""
         corpus_sha = sha256_file(corpus_path)
         retriever = Retriever.load(rc.kind, rc, encoder_dir=encoder_dir, index_dir=index_dir,
                                    bm25_dir=bm25_dir, corpus_sha256=corpus_sha)
-        return cls(retriever, Generator.load(generator_dir), Corpus.load(corpus_path), rc.top_k,
-                   precision)
+        generator = None
+        if generator_dir is not None:
+            from ragtrain.generation.generator import Generator
+
+            generator = Generator.load(generator_dir)
+        reranker = None
+        if reranker_dir is not None:
+            from ragtrain.retrieval.reranker import Reranker
+
+            reranker = Reranker.load(reranker_dir)  # refused if its weights were edited
+        return cls(retriever, generator, Corpus.load(corpus_path), rc.top_k, precision,
+                   reranker=reranker, rerank=rerank or Rerank(), reading=reading or Reading())
 
     @classmethod
     def load(cls, bundle: Path) -> RAGModel:
@@ -57,60 +127,116 @@ class RAGModel:
             raise IndexMismatchError(
                 f"{f}: the index was built by encoder {manifest.get('index_encoder_fingerprint')}"
                 f", not by this retriever ({manifest.get('encoder_fingerprint')})")
+        rr = manifest.get("reranker")
+        if rr is not None:
+            bound, have = rr.get("fingerprint"), reranker_fingerprint(bundle / "reranker")
+            if bound != have:
+                raise IndexMismatchError(
+                    f"{f}: binds reranker {str(bound)[:16]}, but {bundle / 'reranker'} holds "
+                    f"reranker {have[:16]}; package the model again (ragtrain package)")
+        has_gen = manifest.get("kind", RAG) == RAG
         m = cls.from_parts(rc, encoder_dir=bundle / "retriever", index_dir=bundle / "index",
-                           bm25_dir=bundle / "bm25", generator_dir=bundle / "generator",
-                           corpus_path=bundle / "corpus.jsonl",
-                           precision=manifest.get("precision", "auto"))
+                           bm25_dir=bundle / "bm25", corpus_path=bundle / "corpus.jsonl",
+                           generator_dir=bundle / "generator" if has_gen else None,
+                           precision=manifest.get("precision", "auto"),
+                           reranker_dir=bundle / "reranker" if rr is not None else None,
+                           rerank=Rerank(**{k: rr[k] for k in RERANK_KEYS if k in rr})
+                           if rr is not None else None,
+                           reading=Reading(**manifest.get("reading") or {}))
         m.manifest = manifest
         return m
 
-    def retrieve(self, questions: Sequence[str], k: int
-                 ) -> list[list[tuple[str, float]]]:
+    def first_stage(self, questions: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+        """The first stage's top k (retriever.kind), best first, without reranking."""
         scores, ids = self.retriever.search(list(questions), k)
         return [[(pid, float(s)) for pid, s in zip(row_ids, row_scores, strict=False)]
                 for row_ids, row_scores in zip(ids, scores, strict=True)]
 
+    def retrieve(self, questions: Sequence[str], k: int
+                 ) -> list[list[tuple[str, float]]]:
+        """Top k (passage id, score) per question, best first: the first stage's, or with a
+        reranker its top ``rerank.candidates`` reordered by the fused score (the score then)."""
+        if self.reranker is None:
+            return self.first_stage(questions, k)
+        from ragtrain.retrieval.reranker import passage_texts
+
+        depth = min(max(k, self.rerank.candidates), self.retriever.n_passages)
+        scores, ids = self.retriever.search(list(questions), depth)
+        if self._texts is None:
+            self._texts = passage_texts(self.corpus)
+        scores, ids = self.reranker.rerank(
+            list(questions), scores, ids, self._texts, candidates=self.rerank.candidates,
+            fuse_weight=self.rerank.fuse_weight, batch_size=self.rerank.eval_batch_size,
+            bf16=runtime.use_bf16(self.rerank.precision))
+        return [[(pid, float(s)) for pid, s in zip(row_ids[:k], row_scores[:k], strict=False)]
+                for row_ids, row_scores in zip(ids, scores, strict=True)]
+
+    def _passages(self, hits: list[tuple[str, float]]) -> list[dict[str, Any]]:
+        return [{"id": pid, "title": self.corpus[pid].title, "text": self.corpus[pid].text,
+                 "score": s} for pid, s in hits]
+
     def answer(self, questions: Sequence[str], top_k: int | None = None,
                batch_size: int = 32) -> list[dict[str, Any]]:
-        """Answers with the cited passages (id, title, text, retrieval score), best first."""
+        """Answers with the passages read (id, title, text, retrieval score), best first; a
+        retriever model (no generator) returns the passages alone (no "answer" key). The
+        generator reads ``reading.answer_from`` inputs of ``top_k`` passages each and keeps the
+        best answer (``generation.reading``)."""
         k = min(top_k or self.top_k, self.retriever.n_passages)
-        hits = self.retrieve(questions, k)
-        examples = [Example(q, [self.corpus[pid] for pid, _ in h])
-                    for q, h in zip(questions, hits, strict=True)]
-        preds = self.generator.answer(examples, batch_size,
-                                      bf16=runtime.use_bf16(self.precision))
+        if self.generator is None:
+            return [{"question": q, "passages": self._passages(h)}
+                    for q, h in zip(questions, self.retrieve(questions, k), strict=True)]
+        from ragtrain.generation.reading import answer_each
+
+        n = self.reading.answer_from
+        hits = self.retrieve(questions, min(k * n, self.retriever.n_passages))
+        preds = answer_each(self.generator, questions,
+                            [[self.corpus[pid] for pid, _ in h] for h in hits],
+                            [[s for _, s in h] for h in hits], n=n,
+                            weight=self.reading.answer_weight, per_input=k,
+                            batch_size=batch_size, bf16=runtime.use_bf16(self.precision))
         out = []
         for q, h, p in zip(questions, hits, preds, strict=True):
             out.append({
                 "question": q, "answer": p.answer, "answer_score": p.score,
                 "answer_passage": h[p.passage][0] if 0 <= p.passage < len(h) else None,
-                "passages": [{"id": pid, "title": self.corpus[pid].title,
-                              "text": self.corpus[pid].text, "score": s} for pid, s in h]})
+                "passages": self._passages(h)})
         return out
 
 
 def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm25_dir: Path,
-                  generator_dir: Path, corpus_path: Path, out: Path, precision: str = "auto",
+                  corpus_path: Path, out: Path, generator_dir: Path | None = None,
+                  precision: str = "auto", reranker_dir: Path | None = None,
+                  rerank: Rerank | None = None, reading: Reading | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Copy every part into ``out`` (atomically) with a manifest; returns the manifest."""
+    """Copy every part into ``out`` (atomically) with a manifest; returns the manifest. No
+    ``generator_dir``: a retriever bundle (kind "retriever"); a ``reranker_dir``: its
+    fingerprint and the ``rerank`` settings are bound in the manifest."""
     idx_meta = json.loads((index_dir / "meta.json").read_text())
     enc_meta = json.loads((encoder_dir / "retriever.json").read_text())
-    manifest = {
+    manifest: dict[str, Any] = {
+        "kind": RAG if generator_dir is not None else RETRIEVER,
         "retriever": to_dict(rc), "precision": precision, "top_k": rc.top_k,
         "encoder_fingerprint": enc_meta.get("fingerprint"),
         "index_encoder_fingerprint": idx_meta.get("encoder_fingerprint"),
         "corpus_sha256": sha256_file(corpus_path),
-        "generator": json.loads((generator_dir / "generator.json").read_text()),
+        "generator": (json.loads((generator_dir / "generator.json").read_text())
+                      if generator_dir is not None else None),
+        "reranker": ({**to_dict(rerank or Rerank()),
+                      "fingerprint": reranker_fingerprint(reranker_dir)}
+                     if reranker_dir is not None else None),
+        "reading": (to_dict(reading or Reading()) if generator_dir is not None else None),
         **(extra or {}),
     }
     if manifest["encoder_fingerprint"] != manifest["index_encoder_fingerprint"]:
         raise IndexMismatchError(
             f"{index_dir}: built by encoder {manifest['index_encoder_fingerprint']}, but "
             f"{encoder_dir} is {manifest['encoder_fingerprint']}; rebuild the index (dvc repro)")
+    parts = [(encoder_dir, "retriever"), (index_dir, "index"), (bm25_dir, "bm25")]
+    parts += [(p, name) for p, name in ((generator_dir, "generator"), (reranker_dir, "reranker"))
+              if p is not None]
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for src, name in ((encoder_dir, "retriever"), (index_dir, "index"), (bm25_dir, "bm25"),
-                          (generator_dir, "generator")):
+        for src, name in parts:
             shutil.copytree(src, tmp / name)
         shutil.copy2(corpus_path, tmp / "corpus.jsonl")
         atomic_write_json(tmp / MANIFEST, manifest)

@@ -1,9 +1,17 @@
 """The generation stages: train the generator on retrieved passages, evaluate the RAG model,
-package it as one self-contained bundle."""
+package it as one self-contained bundle.
+
+Data without reference answers (BEIR: relevance judgements only), or ``generator.enabled:
+false``, skips the generator the DVC way: train_generator writes artifacts/generator/DISABLED.json
+(and the empty metrics and plot files DVC expects), evaluate writes a metrics file saying so, and
+package builds a retriever bundle (ranked passages, no answer). Mixed data trains and scores the
+generator on the questions that have answers and counts the others.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,8 +20,64 @@ from ragtrain.config import Config, to_dict
 from ragtrain.errors import DataError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
-from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved
+from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved, read_retrieved_scores
 from ragtrain.pipeline.timing import record_timings
+
+
+def generator_plan(cfg: Config, paths: Paths) -> tuple[bool, str]:
+    """(whether the generator is trained and evaluated, why not when it is not).
+
+    ``generator.enabled``: false skips it; auto skips it when the train split or the
+    evaluation split has no question with a reference answer; true requires them (an error
+    naming the file otherwise)."""
+    from ragtrain.data.questions import answered
+
+    mode = cfg.generator.enabled
+    if mode is False:
+        return False, "generator.enabled is false in params.yaml"
+    missing = [s for s in dict.fromkeys(("train", cfg.evaluation.split))
+               if not answered(read_queries(paths, s))[0]]
+    if not missing:
+        return True, ""
+    files = " and ".join(str(paths.queries(s)) for s in missing)
+    if mode is True:
+        raise DataError(f"{files}: no question has a reference answer to train or score the "
+                        "generator on, but generator.enabled is true; set it to auto (or "
+                        "false) to train, register and serve the retriever alone")
+    return False, (f"no question of {files} has a reference answer (retrieval-only data, e.g. "
+                   "BEIR qrels): the generator is skipped and the retriever is packaged and "
+                   "registered on its own")
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _answered(paths: Paths, split: str, stage: str) -> tuple[list[dict[str, Any]], int]:
+    """The split's questions with a reference answer; the others are counted and said."""
+    from ragtrain.data.questions import answered
+
+    rows, left_out = answered(read_queries(paths, split))
+    if left_out:
+        _note(f"{stage}: {left_out} of {len(rows) + left_out} {split} questions in "
+              f"{paths.queries(split)} have no reference answer: left out of the generator "
+              f"(counted in {split}/questions_without_answers)")
+    return rows, left_out
+
+
+def write_generator_disabled(cfg: Config, paths: Paths, reason: str) -> dict[str, Any]:
+    """artifacts/generator/DISABLED.json and the (empty) metrics and plot files DVC expects."""
+    with atomic_path(paths.generator) as tmp:
+        tmp.mkdir()
+        atomic_write_json(tmp / paths.generator_disabled.name, {
+            "enabled": False, "reason": reason,
+            "then": "evaluate, package and register make a retriever model (ranked passages "
+                    "and scores, no answer), promoted on registry.retrieval_metric"})
+    metrics = {"generator/enabled": 0, "train/steps": 0}
+    atomic_write_json(paths.generator_train_metrics, metrics)
+    atomic_write_json(paths.generator_train_plot, [])
+    _note(f"train_generator: skipped: {reason}")
+    return metrics
 
 
 def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
@@ -28,14 +92,13 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
     from ragtrain.trainer import prepare_ckpt_dir, seed_everything
 
     gc = cfg.generator
+    enabled, reason = generator_plan(cfg, paths)
+    if not enabled:
+        return write_generator_disabled(cfg, paths, reason)
     corpus = Corpus.load(paths.corpus)
-    train, dev = read_queries(paths, "train"), read_queries(paths, "dev")
+    (train, train_out), (dev, dev_out) = (_answered(paths, s, "train_generator")
+                                          for s in ("train", "dev"))
     retrieved = {**read_retrieved(paths, "train"), **read_retrieved(paths, "dev")}
-    for split, rows in (("train", train), ("dev", dev)):
-        for i, r in enumerate(rows, 1):
-            if not r.get("answers"):
-                raise DataError(f"{paths.queries(split)}:{i}: no reference answer to "
-                                "train or score the generator on")
     seed_everything(cfg.seed)
     gen = Generator.from_pretrained(gc)
     signature = json.dumps([to_dict(gc), cfg.seed, cfg.retriever.top_k,
@@ -52,7 +115,10 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
         state, select="dev/f1", metrics_file=paths.generator_train_metrics,
         plot_file=paths.generator_train_plot, timings_file=paths.timings,
         stage="train_generator",
-        extra={"train/examples": state.step * gc.batch_size * gc.grad_accum_steps})
+        extra={"train/examples": state.step * gc.batch_size * gc.grad_accum_steps,
+               # only when some were left out, so data with answers keeps its metrics file
+               **({"train/questions_without_answers": train_out,
+                   "dev/questions_without_answers": dev_out} if train_out or dev_out else {})})
 
 
 def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[str, float]:
@@ -66,19 +132,23 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     from ragtrain.data.corpus import Corpus
     from ragtrain.evaluation.answers import METRIC_MODULE, score_one, sliding_window_answer
     from ragtrain.generation.generator import Generator
-    from ragtrain.generation.training import gold_examples, make_examples
+    from ragtrain.generation.reading import pick, read_inputs
+    from ragtrain.generation.training import gold_examples
     from ragtrain.retrieval.metrics import answer_in_passage
     from ragtrain.trainer import seed_everything
 
     split, gc, k = cfg.evaluation.split, cfg.generator, cfg.retriever.top_k
-    corpus = Corpus.load(paths.corpus)
-    rows = read_queries(paths, split)
-    if not rows:
+    n_read = k * gc.answer_from  # passages read: answer_from inputs of top_k passages each
+    if paths.generator_disabled.exists():  # train_generator skipped it: nothing to score
+        return _write_evaluate_disabled(paths)
+    if not read_queries(paths, split):
         raise DataError(f"{paths.queries(split)}: no questions to evaluate")
-    for i, r in enumerate(rows, 1):
-        if not r.get("answers"):
-            raise DataError(f"{paths.queries(split)}:{i}: no reference answer to score")
+    rows, left_out = _answered(paths, split, "evaluate")
+    if not rows:
+        raise DataError(f"{paths.queries(split)}: no question has a reference answer to score")
+    corpus = Corpus.load(paths.corpus)
     retrieved = read_retrieved(paths, split)
+    retrieval_scores = read_retrieved_scores(paths, split)
     refs = [r["answers"] for r in rows]
     metric = hf_evaluate.load(str(METRIC_MODULE))
     bf16 = runtime.use_bf16(gc.precision)
@@ -88,19 +158,36 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
         return {f"{prefix}/em": m["exact_match"], f"{prefix}/f1": m["f1"],
                 f"{prefix}/accuracy": m["accuracy"]}
 
-    examples = make_examples(rows, retrieved, corpus, k)
+    questions = [r["question"] for r in rows]
+    passages = [[corpus[p] for p in retrieved[r["id"]][:n_read]] for r in rows]
+    scores = [retrieval_scores[r["id"]] for r in rows]
+
+    def answer(g: Generator) -> tuple[list[Any], list[Any]]:
+        """(the kept answers, each question's answer to its first input)."""
+        per_q = read_inputs(g, questions, passages, n=gc.answer_from, per_input=k,
+                            batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
+        return (pick(per_q, scores, weight=gc.answer_weight, per_input=k),
+                [q[0] for q in per_q])
+
     gen = Generator.load(paths.generator)
     t0 = time.perf_counter()
-    preds = gen.answer(examples, gc.eval_batch_size, bf16=bf16, progress=progress)
+    preds, first = answer(gen)
     record_timings(paths.timings, {"evaluate/answers_per_s":
                                    len(rows) / (time.perf_counter() - t0)})
     metrics = score(split, [p.answer for p in preds])
+    if gc.answer_from > 1:  # the same generator reading only its first input, for comparison
+        metrics.update(score(f"{split}/first_input", [p.answer for p in first]))
+        metrics[f"{split}/answer_recall_at_{n_read}"] = sum(
+            answer_in_passage(r["answers"], " ".join(p.text for p in ps))
+            for r, ps in zip(rows, passages, strict=True)) / len(rows)
     recall = [answer_in_passage(r["answers"],
                                 " ".join(corpus[p].text for p in retrieved[r["id"]][:k]))
               for r in rows]
     metrics[f"{split}/answer_recall_at_{k}"] = sum(recall) / len(rows)
     metrics[f"{split}/n_questions"] = len(rows)
     metrics[f"{split}/questions_cut"] = sum(p.question_cut for p in preds)
+    if left_out:
+        metrics[f"{split}/questions_without_answers"] = left_out
     gold = gen.answer(gold_examples(rows, corpus), gc.eval_batch_size, bf16=bf16,
                       progress=progress)
     metrics.update(score(f"{split}/gold_passage", [p.answer for p in gold]))
@@ -109,7 +196,7 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     del gen
     seed_everything(cfg.seed)  # the untrained generator's new heads: the same every run
     untrained = Generator.from_pretrained(gc)
-    u = untrained.answer(examples, gc.eval_batch_size, bf16=bf16, progress=progress)
+    u, _ = answer(untrained)
     metrics.update(score(f"{split}/untrained", [p.answer for p in u]))
     rank = {}
     for r in rows:
@@ -123,7 +210,8 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
                                         score_one(p.answer, r["answers"]).items()},
              "gold_passage_rank": rank[r["id"]], "answer_in_passages": bool(rec),
              "answer_passage": (retrieved[r["id"]][p.passage]  # the passage it cites
-                                if 0 <= p.passage < min(k, len(retrieved[r["id"]])) else None),
+                                if 0 <= p.passage < min(n_read, len(retrieved[r["id"]]))
+                                else None),
              "gold_passage_prediction": g.answer, "baseline_prediction": b}
             for r, p, g, b, rec in zip(rows, preds, gold, base, recall, strict=True)))
     metrics = {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in metrics.items()}
@@ -131,13 +219,41 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     return metrics
 
 
+def _write_evaluate_disabled(paths: Paths) -> dict[str, float]:
+    """metrics/generator.json saying the generator was skipped, and an empty answer table."""
+    metrics = {"generator/enabled": 0}
+    with atomic_path(paths.generator_predictions) as tmp:
+        write_jsonl(tmp, [])
+    atomic_write_json(paths.generator_metrics, metrics)
+    _note(f"evaluate: no generator ({paths.generator_disabled}): retrieval metrics only "
+          f"({paths.retriever_metrics})")
+    return metrics
+
+
+def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """What ``RAGModel.from_parts`` / ``export_bundle`` take from the current outputs: the
+    retriever parts, the generator unless skipped, the reranker when reranker.enabled."""
+    from ragtrain.generation.rag import Reading, Rerank
+
+    parts: dict[str, Any] = dict(paths.rag_parts())
+    if parts.get("generator_dir") is not None:
+        parts["reading"] = Reading.from_config(cfg.generator)
+    if cfg.reranker.enabled:
+        if paths.reranker_disabled.exists():
+            raise DataError(f"{paths.reranker_disabled}: reranker.enabled is true but no "
+                            "reranker was trained; run `ragtrain train-reranker` (or dvc repro)")
+        parts.update(reranker_dir=paths.reranker, rerank=Rerank.from_config(cfg.reranker))
+    return parts
+
+
 def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
-    """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers)."""
+    """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers);
+    without a generator, a retriever bundle; with reranker.enabled, the reranker bound in."""
     from ragtrain.generation.rag import export_bundle
 
     extra = {"eval_set_sha256": sha256_file(paths.queries(cfg.evaluation.split)),
              "eval_split": cfg.evaluation.split}
     if paths.generator_metrics.exists():
         extra["metrics"] = json.loads(paths.generator_metrics.read_text())
-    return export_bundle(cfg.retriever, **paths.rag_parts(), out=paths.bundle,
+    return export_bundle(cfg.retriever, **model_parts(cfg, paths), out=paths.bundle,
                          precision=cfg.generator.precision, extra=extra)

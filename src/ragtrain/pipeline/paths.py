@@ -112,6 +112,12 @@ class Paths:
         return self._p("artifacts/generator")
 
     @property
+    def generator_disabled(self) -> Path:
+        return self.generator / "DISABLED.json"  # train_generator's output when the data has no
+        # answers (or generator.enabled is false): evaluate, package and register then make a
+        # retriever model
+
+    @property
     def generator_checkpoints(self) -> Path:
         return self._p("checkpoints/generator")  # not a DVC out: it must survive a killed run
 
@@ -135,10 +141,12 @@ class Paths:
     def bundle(self) -> Path:
         return self._p("artifacts/rag")  # the self-contained RAG model (what MLflow registers)
 
-    def rag_parts(self) -> dict[str, Path]:
-        """The parts a RAG model is made of (``RAGModel.from_parts`` / ``export_bundle``)."""
+    def rag_parts(self) -> dict[str, Path | None]:
+        """The parts a RAG model is made of (``RAGModel.from_parts`` / ``export_bundle``); no
+        generator (None) when train_generator left its disabled marker."""
         return {"encoder_dir": self.retriever, "index_dir": self.index, "bm25_dir": self.bm25,
-                "generator_dir": self.generator, "corpus_path": self.corpus}
+                "generator_dir": None if self.generator_disabled.exists() else self.generator,
+                "corpus_path": self.corpus}
 
     @property
     def registered(self) -> Path:
@@ -167,3 +175,11 @@ def read_retrieved(paths: Paths, split: str) -> dict[str, list[str]]:
     if not p.exists():
         raise SourceError(f"{p}: missing; run `ragtrain retrieve` first")
     return {r["id"]: r["passage_ids"] for r in read_jsonl(p)}
+
+
+def read_retrieved_scores(paths: Paths, split: str) -> dict[str, list[float]]:
+    """Question id -> the retrieval scores of `retrieve`'s passages (read_retrieved's order)."""
+    p = paths.retrieved_split(split)
+    if not p.exists():
+        raise SourceError(f"{p}: missing; run `ragtrain retrieve` first")
+    return {r["id"]: r["scores"] for r in read_jsonl(p)}

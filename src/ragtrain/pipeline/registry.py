@@ -19,7 +19,7 @@ from ragtrain.pipeline.tracked import numeric, tracked
 def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Register the RAG model bundle (artifacts/rag) and its parts in MLflow as ``challenger``,
     with its evaluation metrics, in a `register` run -> artifacts/registered.json."""
-    from ragtrain.generation.rag import MANIFEST
+    from ragtrain.generation.rag import MANIFEST, RAG
     from ragtrain.tracking import registry
 
     if not (cfg.registry.register and cfg.tracking.enabled):  # the registry is MLflow's
@@ -37,15 +37,20 @@ def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
             metrics.update(numeric(json.loads(m.read_text())))
     questions = [r["question"] for r in read_queries(paths, cfg.evaluation.split)[:2]]
     b = paths.bundle
+    # the retriever component: encoder, index, BM25 and (when the bundle reranks) the reranker
+    retriever = [b / "retriever", b / "index", b / "bm25"] + (
+        [b / "reranker"] if manifest.get("reranker") else [])
+    components = {"retriever": retriever}
+    if manifest.get("kind", RAG) == RAG:
+        components["generator"] = [b / "generator"]
     with tracked(cfg, paths, "register") as run:
         assert run is not None
         reg = registry.register(
             run, cfg.registry, cfg.tracking, bundle=b, manifest=manifest, metrics=metrics,
-            components={"retriever": [b / "retriever", b / "index", b / "bm25"],
-                        "generator": [b / "generator"]},
+            components=components,
             example_questions=questions or ["What is this corpus about?"], root=paths.root)
     out = {"registered": True, "model": reg.name, "version": reg.version,
-           "alias": registry.CHALLENGER, "run_id": reg.run_id,
+           "kind": manifest.get("kind", RAG), "alias": registry.CHALLENGER, "run_id": reg.run_id,
            **{f"{c}_version": v for c, v in reg.components.items()},
            "tracking_uri": cfg.tracking.uri}
     atomic_write_json(paths.registered, out)

@@ -21,6 +21,7 @@ from ragtrain.pipeline import tracked as log
 from ragtrain.pipeline.code import code_files, repo_path
 from ragtrain.pipeline.data import run_fetch, run_prepare
 from ragtrain.pipeline.generation import run_evaluate, run_package, run_train_generator
+from ragtrain.pipeline.joint import run_train_rag
 from ragtrain.pipeline.paths import Paths
 from ragtrain.pipeline.registry import run_register
 from ragtrain.pipeline.report import describe_report, run_report
@@ -123,6 +124,9 @@ def _say_eval_retriever(cfg: Config, paths: Paths, m: dict[str, float]) -> str:
 
 def _say_evaluate(cfg: Config, paths: Paths, m: dict[str, float]) -> str:
     split, k = cfg.evaluation.split, cfg.retriever.top_k
+    if m.get("generator/enabled") == 0:
+        return (f"no generator ({paths.generator_disabled}): nothing to score; the retriever's "
+                f"metrics are in {paths.retriever_metrics}")
     lines = [f"{split}: {int(m[f'{split}/n_questions'])} questions, top-{k} "
              f"{cfg.retriever.kind} passages (answer recall "
              f"{m[f'{split}/answer_recall_at_{k}']:.3f})",
@@ -212,12 +216,32 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train-generator", run_train_generator,
           "fine-tune the generator by maximum likelihood on retrieved passages",
           lambda c, p, m: f"trained {c.generator.kind} generator -> {p.generator}: "
-                          + _fmt(m, ".4g"),
+                          + _fmt(m, ".4g") if m.get("generator/enabled") != 0
+          else f"generator skipped -> {p.generator_disabled}",
           params=("seed", "retriever.top_k", "generator"),
           deps=("data/prepared", "artifacts/retrieved"), outs=("artifacts/generator",),
+          comment="data without reference answers (BEIR) or generator.enabled: false writes "
+                  "artifacts/generator/DISABLED.json\n(no model); mixed data trains on the "
+                  "questions with answers\n" + _RESUME_NOTE,
           metrics=("metrics/train_generator.json",),
           plots=(Plot("plots/train_generator.json", "step", "loss"),),
           log=log.log_train_generator, resume=True),
+    Stage("train-rag", run_train_rag,
+          "train query encoder + generator jointly (RAG marginal likelihood; joint.enabled)",
+          lambda c, p, m: ("trained RAG jointly -> artifacts/rag_joint: " + _fmt(
+              {k: v for k, v in m.items() if "/joint" in k or "/pipeline" in k}, ".4g"))
+          if c.joint.enabled else "joint training disabled (joint.enabled: false) -> "
+                                  "artifacts/rag_joint/DISABLED.json",
+          params=("seed", "joint", "evaluation", "retriever.kind", "retriever.top_k",
+                  "retriever.hybrid"),
+          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/embeddings",
+                "artifacts/index", "artifacts/generator"),
+          outs=("artifacts/rag_joint",), metrics=("metrics/train_rag.json",),
+          plots=(Plot("plots/train_rag.json", "step", "loss"),),
+          log=log.log_train_rag, resume=True,
+          comment="joint.enabled: false writes artifacts/rag_joint/DISABLED.json (no model); on, "
+                  "it also\nevaluates the joint and the pipeline-trained models side by side "
+                  "(dev/test R@k, test EM/F1)\n" + _RESUME_NOTE),
     Stage("evaluate", run_evaluate,
           "EM / F1 / accuracy of the RAG model on the held-out split", _say_evaluate,
           params=("seed", "evaluation.split", "retriever.top_k", "generator"),
@@ -226,13 +250,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           log=log.log_evaluate, extra_code=("evaluation/rag_qa/rag_qa.py",)),
     Stage("package", run_package,
           "assemble the self-contained RAG model bundle (artifacts/rag)",
-          lambda c, p, m: f"RAG model bundle -> {p.bundle}",
-          params=("retriever", "generator.precision", "evaluation.split"),
+          lambda c, p, m: (f"RAG model bundle -> {p.bundle}" if m.get("kind") != "retriever"
+                           else f"retriever model bundle (no generator: ranked passages) -> "
+                                f"{p.bundle}") + (" (reranking)" if m.get("reranker") else ""),
+          params=("retriever", "generator.precision", "generator.answer_from",
+                  "generator.answer_weight", "evaluation.split", *_RERANK_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
-                "artifacts/generator", "metrics/generator.json"),
+                "artifacts/generator", "metrics/generator.json", "artifacts/reranker"),
           outs=("artifacts/rag",), log=log.log_package,
           comment="the self-contained RAG model (retriever + index + BM25 + generator + corpus "
-                  "+ manifest)"),
+                  "+ manifest;\nwith reranker.enabled the reranker too; without a generator "
+                  "(data without answers) a retriever model)"),
     Stage("register", run_register,
           "register the RAG model (artifacts/rag) in MLflow as the challenger",
           _say_register,

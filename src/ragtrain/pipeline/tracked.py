@@ -131,9 +131,26 @@ def log_metrics(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any)
 
 def log_train_generator(run: tracking.RunHandle, cfg: Config, paths: Paths,
                         result: Any) -> None:
-    """Final metrics, the loss and learning-rate curves, the generator's spec."""
+    """Final metrics, the loss and learning-rate curves, the generator's spec; when skipped
+    (no answers in the data, or generator.enabled: false), the marker alone."""
+    if paths.generator_disabled.exists():
+        run.log_metrics(numeric(result))
+        run.log_dict(json.loads(paths.generator_disabled.read_text()), "generator_disabled.json")
+        return
     _log_training(run, result, paths.generator_train_metrics, paths.generator_train_plot,
                   paths.generator / "generator.json", "generator", ["loss", "lr"])
+
+
+def log_train_rag(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any) -> None:
+    """Final metrics (the joint and pipeline models side by side), the loss and learning-rate
+    curves, the joint config; when disabled, the marker alone."""
+    root = paths.root / "artifacts/rag_joint"
+    if not cfg.joint.enabled:
+        run.log_metrics(numeric(result))
+        run.log_dict(json.loads((root / "DISABLED.json").read_text()), "rag_joint_disabled.json")
+        return
+    _log_training(run, result, paths.metrics / "train_rag.json",
+                  paths.root / "plots/train_rag.json", root / "joint.json", "rag", ["loss", "lr"])
 
 
 def log_evaluate(run: tracking.RunHandle, cfg: Config, paths: Paths, result: Any) -> None:

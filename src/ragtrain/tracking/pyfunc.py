@@ -12,6 +12,8 @@ Input: a DataFrame with a ``question`` column, a list of questions, or ``{"quest
 optional param ``top_k``. Output: one dict per question, ``{"question", "answer", "passages":
 [{"id", "title", "text", "score"}, ...], "answer_score", "answer_passage"}`` (the cited
 passages with their retrieval scores, best first; the id of the one the answer comes from).
+A retriever bundle (kind "retriever": data without answers) answers ``{"question", "passages"}``:
+the ranked passages and their scores, no answer (its signature says so).
 """
 
 from __future__ import annotations
@@ -74,16 +76,20 @@ def questions_of(model_input: Any) -> list[str]:
 
 
 def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy of one answer (numpy scalars -> float/str)."""
+    """JSON-ready copy of one answer (numpy scalars -> float/str); a retriever model's result
+    (no "answer" key) keeps only the question and its ranked passages."""
+    passages = [{"id": str(p["id"]), "title": str(p.get("title", "")),
+                 "text": str(p["text"]), "score": float(p["score"])}
+                for p in answer.get("passages", [])]
+    if "answer" not in answer:
+        return {"question": str(answer["question"]), "passages": passages}
     return {
         "question": str(answer["question"]),
         "answer": str(answer["answer"]),
         "answer_score": float(answer.get("answer_score", float("nan"))),
         "answer_passage": (None if answer.get("answer_passage") is None
                            else str(answer["answer_passage"])),  # the passage it comes from
-        "passages": [{"id": str(p["id"]), "title": str(p.get("title", "")),
-                      "text": str(p["text"]), "score": float(p["score"])}
-                     for p in answer.get("passages", [])],
+        "passages": passages,
     }
 
 
@@ -106,8 +112,9 @@ with warnings.catch_warnings():
             return [_plain(a) for a in self.model.answer(questions_of(model_input), top_k=top_k)]
 
 
-def signature() -> Any:
-    """Input: a string column ``question``; output: answer and cited passages; param top_k."""
+def signature(kind: str = "rag") -> Any:
+    """Input: a string column ``question``; output: answer and cited passages (a retriever
+    model: the ranked passages alone); param top_k."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import (
         Array,
@@ -121,12 +128,15 @@ def signature() -> Any:
 
     passage = Object([Property("id", "string"), Property("title", "string"),
                       Property("text", "string"), Property("score", "double")])
+    outputs = [ColSpec("string", "question"), ColSpec("string", "answer"),
+               ColSpec("double", "answer_score"),
+               ColSpec("string", "answer_passage", required=False),
+               ColSpec(Array(passage), "passages")]
+    if kind == "retriever":
+        outputs = [outputs[0], outputs[-1]]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "question")]),
-        outputs=Schema([ColSpec("string", "question"), ColSpec("string", "answer"),
-                        ColSpec("double", "answer_score"),
-                        ColSpec("string", "answer_passage", required=False),
-                        ColSpec(Array(passage), "passages")]),
+        outputs=Schema(outputs),
         params=ParamSchema([ParamSpec("top_k", "long", 0)]),
     )
 
@@ -166,15 +176,19 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
     Nothing is run: the signature is explicit and the requirements are pinned, so saving takes
     well under a second and does not load the model.
     """
+    import json
+
     import pandas as pd
 
+    manifest = Path(bundle) / "rag.json"
+    kind = json.loads(manifest.read_text()).get("kind", "rag") if manifest.is_file() else "rag"
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         code = Path(tmp) / "rag_model.py"
         code.write_text(_CODE)
         mlflow.pyfunc.save_model(
             path=str(out), python_model=str(code),
             artifacts={BUNDLE_ARTIFACT: str(Path(bundle).resolve())},
-            signature=signature(),
+            signature=signature(kind),
             input_example=pd.DataFrame({"question": list(example_questions)[:2]}),
             pip_requirements=requirements(), model_config={"rag_class": rag_class},
         )

@@ -8,6 +8,13 @@ per ``registry.model_name`` (say ``ragtrain-rag``):
 - ``ragtrain-rag-retriever``: encoder + index (+ BM25), bound by the encoder fingerprint;
 - ``ragtrain-rag-generator``: the generator.
 
+Data without reference answers (BEIR) makes a *retriever model* (tag ``ragtrain.model_kind``:
+``retriever``): ``ragtrain-rag`` then serves ranked passages and scores, there is no generator
+component, and promotion judges it on ``registry.retrieval_metric`` (floor
+``registry.retrieval_floor``). A RAG model and a retriever model are never compared. With a
+reranker, the retriever component holds it too and the versions record its fingerprint twice
+(the one the manifest binds, the one its weights carry): a mismatch refuses promotion.
+
 Aliases: ``challenger`` (the latest registered model) and ``champion`` (the promoted one). A RAG
 version carries tags: ``metric.<key>`` (its evaluation metrics), the evaluation set's sha256, the
 encoder's and the index's encoder fingerprints, its component versions. A promotion decision
@@ -38,6 +45,9 @@ EVAL_SET_TAG = "ragtrain.eval_set_sha256"
 ENCODER_FP_TAG = "ragtrain.encoder_fingerprint"
 INDEX_FP_TAG = "ragtrain.index_encoder_fingerprint"
 CORPUS_TAG = "ragtrain.corpus_sha256"
+KIND_TAG = "ragtrain.model_kind"  # "rag" (retriever + generator) or "retriever" (no generator)
+RERANKER_FP_TAG = "ragtrain.reranker_fingerprint"  # the reranker the bundle's manifest binds
+RERANKER_WEIGHTS_TAG = "ragtrain.reranker_weights_fingerprint"  # the one its weights are
 PREVIOUS_TAG = "ragtrain.previous_champion"
 ROLLED_BACK_TAG = "ragtrain.rolled_back"
 DECISION_TAG = "ragtrain.promotion."
@@ -80,12 +90,32 @@ class Registered:
     components: dict[str, str] = field(default_factory=dict)
 
 
-def binding_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
-    """The tags that bind a model to its data: eval set, corpus and both fingerprints."""
-    return {EVAL_SET_TAG: str(manifest.get("eval_set_sha256", "")),
+def binding_tags(manifest: Mapping[str, Any], bundle: Path | None = None) -> dict[str, str]:
+    """The tags that bind a model to its data: eval set, corpus and both fingerprints, its
+    kind; with a reranker, the fingerprint the manifest binds and the one its weights (in
+    ``bundle``/reranker) record."""
+    import json
+
+    tags = {EVAL_SET_TAG: str(manifest.get("eval_set_sha256", "")),
             ENCODER_FP_TAG: str(manifest.get("encoder_fingerprint", "")),
             INDEX_FP_TAG: str(manifest.get("index_encoder_fingerprint", "")),
-            CORPUS_TAG: str(manifest.get("corpus_sha256", ""))}
+            CORPUS_TAG: str(manifest.get("corpus_sha256", "")),
+            KIND_TAG: str(manifest.get("kind", "rag"))}
+    rr = manifest.get("reranker")
+    if rr:
+        spec = None if bundle is None else Path(bundle) / "reranker" / "reranker.json"
+        weights = (json.loads(spec.read_text()).get("fingerprint", "")
+                   if spec is not None and spec.is_file() else "")
+        tags.update({RERANKER_FP_TAG: str(rr.get("fingerprint", "")),
+                     RERANKER_WEIGHTS_TAG: str(weights)})
+    return tags
+
+
+def judged_on(rcfg: RegistryConfig, kind: str) -> tuple[str, float]:
+    """(the metric, the floor) a model of ``kind`` is promoted on."""
+    if kind == "retriever":
+        return rcfg.retrieval_metric, rcfg.retrieval_floor
+    return rcfg.primary_metric, rcfg.floor
 
 
 def register(run: tracking.RunHandle, rcfg: RegistryConfig, tcfg: TrackingConfig, *,
@@ -102,15 +132,17 @@ def register(run: tracking.RunHandle, rcfg: RegistryConfig, tcfg: TrackingConfig
         components: per component ("retriever", "generator"), the folders to log for it.
     """
     name = rcfg.model_name
-    if rcfg.primary_metric not in metrics:
+    binding = binding_tags(manifest, bundle)
+    metric, _ = judged_on(rcfg, binding[KIND_TAG])
+    if metric not in metrics:
+        key = "retrieval_metric" if binding[KIND_TAG] == "retriever" else "primary_metric"
         raise RegistryError(
-            f"registry.primary_metric: {rcfg.primary_metric!r} is not among the metrics to "
+            f"registry.{key}: {metric!r} is not among the metrics to "
             f"record ({', '.join(sorted(metrics)) or 'none'}); fix the key or run the "
             "evaluation first")
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise RegistryError(f"unknown component {unknown[0]!r} (known: {', '.join(COMPONENTS)})")
-    binding = binding_tags(manifest)
     # 1. log everything
     for component, folders in components.items():
         for folder in folders:
@@ -202,8 +234,19 @@ def check_compatible(challenger: str, ch_tags: Mapping[str, str], champion: str 
         return Decision(False, f"refused: version {challenger}'s index was built by encoder "
                                f"{idx[:16]}, but its retriever is encoder {enc[:16]}; rebuild "
                                "the index (ragtrain build-index) and register again")
+    bound, weights = ch_tags.get(RERANKER_FP_TAG), ch_tags.get(RERANKER_WEIGHTS_TAG)
+    if (bound is not None or weights is not None) and (not bound or bound != weights):
+        return Decision(False, f"refused: version {challenger} binds reranker "
+                               f"{(bound or 'none')[:16]}, but the reranker it holds is "
+                               f"{(weights or 'none')[:16]}; package the model again "
+                               "(ragtrain package) and register it")
     if champion is None or champ_tags is None:
         return None
+    kind, theirs_kind = ch_tags.get(KIND_TAG, "rag"), champ_tags.get(KIND_TAG, "rag")
+    if kind != theirs_kind:
+        return Decision(False, f"refused: challenger {challenger} is a {kind} model, champion "
+                               f"{champion} a {theirs_kind} model; they are judged on "
+                               "different metrics and cannot be compared")
     mine, theirs = ch_tags.get(EVAL_SET_TAG, ""), champ_tags.get(EVAL_SET_TAG, "")
     if not mine or not theirs:
         who = challenger if not mine else champion
@@ -247,12 +290,12 @@ def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."
     ch_tags = tracking.version_tags(tcfg, name, challenger, root=root)
     champ_tags = (tracking.version_tags(tcfg, name, champion, root=root)
                   if champion is not None else None)
-    m = rcfg.primary_metric
+    m, floor = judged_on(rcfg, ch_tags.get(KIND_TAG, "rag"))
     ch_metrics = metrics_of(ch_tags)
     champ_metrics = metrics_of(champ_tags) if champ_tags is not None else None
     decision = check_compatible(challenger, ch_tags, champion, champ_tags) or \
         tracking.should_promote(ch_metrics, champ_metrics, metric=m, min_gain=rcfg.min_gain,
-                                greater_is_better=rcfg.greater_is_better, floor=rcfg.floor)
+                                greater_is_better=rcfg.greater_is_better, floor=floor)
 
     def value(ms: Mapping[str, float] | None) -> float | None:
         v = None if ms is None else ms.get(m)
@@ -321,6 +364,11 @@ def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path
     from ragtrain.io import sha256_file
 
     rows = read_questions(questions, need_answers=True)
+    version = tracking.get_alias(tcfg, rcfg.model_name, alias, root=root)
+    if version is not None and tracking.version_tags(
+            tcfg, rcfg.model_name, version, root=root).get(KIND_TAG) == "retriever":
+        raise RegistryError(f"{rcfg.model_name}@{alias} (version {version}) is a retriever "
+                            "model (no generator): it has no answers to score")
     with tempfile.TemporaryDirectory() as tmp:
         version, model = tracking.load_rag_model(tcfg, rcfg.model_name, alias, Path(tmp),
                                                  root=root)
