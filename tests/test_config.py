@@ -107,3 +107,15 @@ def test_retriever_loss_choices_are_the_registered_losses() -> None:
 
     allowed = typing.get_args(typing.get_type_hints(RetrieverConfig)["loss"])
     assert sorted(allowed) == sorted(LOSSES) == ["cosine", "in_batch_nll"]
+
+
+def test_a_literal_choice_is_matched_by_type_too() -> None:
+    """1 == True in Python; `generator.enabled: 1` is still not `true`."""
+    assert load_config_with({"generator.enabled": True}).generator.enabled is True
+    for bad in (1, 0, "yes"):
+        with pytest.raises(ConfigError, match="generator.enabled: expected one of"):
+            load_config_with({"generator.enabled": bad})
+
+
+def load_config_with(overrides: dict) -> Config:
+    return load_config(REPO / "params.yaml", overrides)

@@ -42,7 +42,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {alts}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        # by type too: 1 == True in Python, but `enabled: 1` is not `enabled: true`
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
         return value
     if origin is list:
