@@ -78,7 +78,8 @@ def collect_report(cfg: Config, paths: Paths) -> ReportData:
         metrics.update(numeric(_json(f, notes, {})))
     generated = _jsonl(paths.generator_predictions, notes)
     retrieved = _jsonl(paths.retriever_predictions, notes)
-    rows = join_questions(generated, retrieved, cfg.retriever.top_k)
+    read = cfg.retriever.top_k * cfg.generator.answer_from  # the passages the generator read
+    rows = join_questions(generated, retrieved, read)
     curves, train_metrics = {}, {}
     for model, plot, m in (
             ("retriever", paths.retriever_train_plot, paths.retriever_train_metrics),
@@ -94,7 +95,7 @@ def collect_report(cfg: Config, paths: Paths) -> ReportData:
                   if paths.registered.is_file() else {})
     champion, note = champion_for_report(cfg, paths)
     return ReportData(
-        split=split, top_k=cfg.retriever.top_k, retriever_kind=cfg.retriever.kind,
+        split=split, top_k=read, retriever_kind=cfg.retriever.kind,
         metrics=metrics, rows=rows,
         passages=_passages(paths.corpus, {r["cited"] for r in rows if r["cited"]}),
         curves=curves, train_metrics=train_metrics, champion=champion, champion_note=note,

@@ -274,7 +274,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "the run report: one self-contained HTML page (metrics beside the champion's, "
           "curves, failures, every question, lineage)",
           lambda c, p, r: describe_report(r),
-          params=("evaluation.split", "retriever.kind", "retriever.top_k", "registry",
+          params=("evaluation.split", "retriever.kind", "retriever.top_k",
+                  "generator.answer_from", "registry",
                   "tracking"),
           deps=("metrics/retriever.json", "metrics/generator.json",
                 "metrics/train_retriever.json", "metrics/train_generator.json",
