@@ -90,6 +90,9 @@ class RetrieverConfig:
     questions_per_passage: int = _f(4, ge=1)  # questions sharing a passage's column per step
     group_by_document: int = _f(8, ge=0)  # passages per document run in a batch; 0 = random
     grad_accum_steps: int = _f(1, ge=1)
+    # GradCache: embed the batch in chunks of this many texts (no graph), then backpropagate the
+    # full-batch loss chunk by chunk: the same gradient, chunk-sized activations; 0 = off
+    grad_cache_chunk: int = _f(0, ge=0)
     lr: float = _f(5.0e-5, gt=0)
     weight_decay: float = _f(0.01, ge=0)
     warmup_ratio: float = _f(0.1, ge=0, lt=1)
@@ -153,6 +156,18 @@ class IndexConfig:
     ivf_nprobe: int = _f(8, ge=1)
     pq_m: int = _f(16, ge=1)  # sub-quantizers; must divide the embedding dimension
     pq_bits: int = _f(8, ge=1, le=16)
+    # ivfpq: re-rank refine_k_factor * k PQ candidates exactly (faiss IndexRefineFlat; keeps the
+    # raw vectors too, n * dim * 4 bytes); 0 = off
+    refine_k_factor: int = _f(0, ge=0)
+    # what the re-ranking reads: flat (exact, 4 B/dim), fp16 (2 B/dim), sq8 (1 B/dim, trained)
+    refine_store: Literal["flat", "fp16", "sq8"] = "flat"
+    # build-index preflight: refuse a kind whose estimated memory exceeds this; 0 = MemAvailable
+    max_memory_gb: float = _f(0.0, ge=0)
+    # reuse the embeddings of unchanged passages (cache/embeddings/, keyed by passage text and
+    # encoder): a 1% corpus edit re-encodes ~1%. Off by default: under bf16 an embedding depends
+    # on its batch's padding by up to ~1e-3, so a warm-cache build can differ from a fresh
+    # clone's in the last digits of the metrics (same top-1 measured; bench/incremental.py)
+    embedding_cache: bool = False
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu when installed and a GPU is
 
 

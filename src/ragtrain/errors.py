@@ -37,3 +37,7 @@ class TrackingError(RagtrainError):
 
 class RegistryError(TrackingError):
     """A registry action cannot be carried out (no challenger, no previous champion, ...)."""
+
+
+class RequestError(RagtrainError, ValueError):
+    """A request to the served model is invalid; the message names the field and what it expects."""

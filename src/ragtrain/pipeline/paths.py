@@ -89,6 +89,12 @@ class Paths:
         return self._p("artifacts/embeddings")
 
     @property
+    def embedding_cache(self) -> Path:
+        # not a DVC out (DVC deletes outs before a rerun): a corpus edit re-encodes only the
+        # passages that changed (retrieval/embedding_cache.py)
+        return self._p("cache/embeddings")
+
+    @property
     def index(self) -> Path:
         return self._p("artifacts/index")
 

@@ -3,6 +3,7 @@ passages every question gets (what the generator reads)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,30 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
 
     from ragtrain import runtime
     from ragtrain.data.corpus import Corpus
+    from ragtrain.retrieval.embedding_cache import encode_with_cache
     from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
     from ragtrain.retrieval.index import build_index, save_index
+    from ragtrain.retrieval.preflight import check_index_build
 
     corpus = Corpus.load(paths.corpus)
     model = BiEncoder.load(paths.retriever)
+    check_index_build(len(corpus.ids), model.passage.model.config.hidden_size, cfg.index,
+                      paths.index)  # refuses before encoding when the index cannot fit
     fp = model.fingerprint()
-    with runtime.autocast(runtime.use_bf16(cfg.retriever.precision)):
-        emb = model.encode_passages(passage_inputs(corpus.passages), cfg.index.encode_batch_size,
-                                    progress=True)
+    bf16 = runtime.use_bf16(cfg.retriever.precision)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        with runtime.autocast(bf16):
+            return model.encode_passages(texts, cfg.index.encode_batch_size, progress=True)
+
+    if cfg.index.embedding_cache:  # opt-in: reuse unchanged passages' embeddings
+        cache = embedding_cache(paths, fp, model.spec.pooling, bf16)
+        emb, stats = encode_with_cache(passage_inputs(corpus.passages),
+                                       model.spec.passage_max_length, encode, cache)
+        print(f"build-index: {stats.n_encoded} of {stats.n_passages} passages encoded, "
+              f"{stats.n_cached} from the embedding cache ({cache.dir})", file=sys.stderr)
+    else:
+        emb = encode(passage_inputs(corpus.passages))
     corpus_sha = sha256_file(paths.corpus)
     with atomic_path(paths.embeddings) as tmp:
         tmp.mkdir()
@@ -83,6 +99,28 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
                       encoder_fingerprint=fp, seed=cfg.seed)
     save_index(idx, paths.index)
     return paths.index
+
+
+def embedding_cache(paths: Paths, fingerprint: str, pooling: str, bf16: bool) -> Any:
+    """The ``EmbeddingCache`` of this encoder (weights, pooling, tokenizer, precision) under
+    cache/embeddings/, outside DVC's outs so that it survives reruns of build_index. (Typed
+    ``Any``: a module-level import would add embedding_cache.py to every stage's deps here.)"""
+    from ragtrain.retrieval.embedding_cache import EmbeddingCache
+
+    return EmbeddingCache(paths.embedding_cache, {
+        "encoder_fingerprint": fingerprint, "pooling": pooling,
+        "tokenizer_sha256": _tree_sha256(paths.retriever / "tokenizer"),
+        "precision": "bf16" if bf16 else "fp32"})
+
+
+def _tree_sha256(folder: Path) -> str:
+    """Hex sha256 over a folder's file names and bytes (sorted): the tokenizer's identity."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
 
 
 def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:

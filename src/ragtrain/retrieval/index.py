@@ -15,7 +15,11 @@ Index kinds:
   ``pq_m`` must divide the embedding dimension and the corpus must hold at least
   ``2 ** pq_bits`` passages (one per PQ centroid); otherwise build_index raises, since silently
   shrinking the code size would change what the index is. Use ``flat`` for tiny corpora.
-  The effective values are recorded in ``meta.params``.
+  The effective values are recorded in ``meta.params``. ``index.refine_k_factor > 0`` wraps it
+  in ``IndexRefineFlat``: the PQ search returns ``k * refine_k_factor`` candidates, re-ranked by
+  exact inner product on the raw vectors it also stores (recall near flat's, flat's memory);
+  ``index.refine_store: fp16 | sq8`` re-ranks on scalar-quantized copies instead (``IndexRefine``
+  over ``IndexScalarQuantizer``: 2 or 1 byte per dimension, near-exact scores).
 
 Builds are deterministic: faiss k-means is seeded (``cp.seed``), and flat / HNSW adds do not
 use randomness beyond HNSW's fixed level generator.
@@ -49,6 +53,8 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "passage_ids.json"
 META_FILE = "meta.json"
 METRIC = "inner_product"
+# bytes per dimension each index.refine_store keeps for re-ranking
+REFINE_BYTES = {"flat": 4, "fp16": 2, "sq8": 1}
 # faiss GPU k-selection supports k up to this; larger k are searched on the CPU copy.
 GPU_MAX_K = 2048
 
@@ -205,6 +211,18 @@ def _ivfpq(x: np.ndarray, cfg: IndexConfig, seed: int) -> tuple[Any, dict[str, i
     index.train(x)
     index.nprobe = min(cfg.ivf_nprobe, nlist)
     params = {"nlist": nlist, "nprobe": index.nprobe, "pq_m": cfg.pq_m, "pq_bits": cfg.pq_bits}
+    if cfg.refine_k_factor:  # search k * factor PQ candidates, re-rank them on stored vectors
+        if cfg.refine_store == "flat":
+            index = faiss.IndexRefineFlat(index)
+        else:  # compressed re-ranking: less memory, near-exact scores
+            qt = faiss.ScalarQuantizer.QT_fp16 if cfg.refine_store == "fp16" else (
+                faiss.ScalarQuantizer.QT_8bit)
+            store = faiss.IndexScalarQuantizer(dim, qt, faiss.METRIC_INNER_PRODUCT)
+            store.train(x)
+            index = faiss.IndexRefine(index, store)
+        index.k_factor = float(cfg.refine_k_factor)
+        params["refine_k_factor"] = cfg.refine_k_factor
+        params["refine_bytes_per_dim"] = REFINE_BYTES[cfg.refine_store]
     return index, params
 
 

@@ -19,6 +19,7 @@ from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
 from ragtrain.retrieval import losses
 from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+from ragtrain.retrieval.grad_cache import grad_cached_loss
 from ragtrain.retrieval.metrics import evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
 
@@ -182,10 +183,18 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
         if loss.uses_negatives:  # the batch's passages first: targets index into them
             columns = list(dict.fromkeys(pids + [n for j in idx for n in negatives[j]]))
             mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
+        questions = [rows[j]["question"] for j in idx]
+        t = torch.tensor(targets)
+        if cfg.grad_cache_chunk:  # the same gradient, chunk-sized activations (grad_cache.py)
+            return grad_cached_loss(
+                [(lambda x: model.forward_queries(list(x)), questions),
+                 (lambda x: model.forward_passages(list(x)), [text[c] for c in columns])],
+                lambda q, p: loss.fn(q, p, t, cfg.temperature, mask), cfg.grad_cache_chunk,
+                context=lambda: runtime.autocast(bf16)), len(idx)
         with runtime.autocast(bf16):
-            q = model.forward_queries([rows[j]["question"] for j in idx])
+            q = model.forward_queries(questions)
             p = model.forward_passages([text[c] for c in columns])
-        return loss.fn(q, p, torch.tensor(targets), cfg.temperature, mask), len(idx)
+        return loss.fn(q, p, t, cfg.temperature, mask), len(idx)
 
     return loss_fn
 

@@ -12,6 +12,9 @@ Input: a DataFrame with a ``question`` column, a list of questions, or ``{"quest
 optional param ``top_k``. Output: one dict per question, ``{"question", "answer", "passages":
 [{"id", "title", "text", "score"}, ...], "answer_score", "answer_passage"}`` (the cited
 passages with their retrieval scores, best first; the id of the one the answer comes from).
+A malformed request (no question, a null or a number, a blank or too long question, top_k out
+of range: the limits in ``generation.questions``) raises an MlflowException with
+INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and its message.
 A retriever bundle (kind "retriever": data without answers) answers ``{"question", "passages"}``:
 the ranked passages and their scores, no answer (its signature says so).
 """
@@ -23,6 +26,7 @@ import importlib
 import importlib.metadata
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,10 +35,18 @@ from typing import Any
 with warnings.catch_warnings():  # mlflow's own PythonModel subclasses warn about type hints
     warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
     import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from ragtrain.errors import RequestError
+from ragtrain.generation.questions import check_top_k, questions_in
 
 # what loads the bundle: a class with load() and answer()
 RAG_CLASS = "ragtrain.generation.rag:RAGModel"
 BUNDLE_ARTIFACT = "bundle"
+# model_config key of models whose top_k param defaults to null (so 0 is refused); models saved
+# before it default to 0, which there means "the bundle's own top_k"
+CHECKED_TOP_K = "top_k_checked"
 _CODE = (
     "from mlflow.models import set_model\n"
     "from ragtrain.tracking.pyfunc import RAGPyfunc\n"
@@ -52,27 +64,9 @@ def _import(spec: str) -> Any:
 
 
 def questions_of(model_input: Any) -> list[str]:
-    """The questions in a pyfunc input: a DataFrame/dict with a ``question`` column, or a list."""
-    if hasattr(model_input, "columns"):  # pandas DataFrame
-        if "question" not in model_input.columns:
-            raise ValueError(f"input: expected a 'question' column, got columns "
-                             f"{list(model_input.columns)}")
-        qs = model_input["question"].tolist()
-    elif isinstance(model_input, Mapping):
-        if "question" not in model_input:
-            raise ValueError(f"input: expected a 'question' key, got {sorted(model_input)}")
-        qs = model_input["question"]
-        qs = [qs] if isinstance(qs, str) else list(qs)
-    elif isinstance(model_input, str):
-        qs = [model_input]
-    elif isinstance(model_input, Sequence) or hasattr(model_input, "tolist"):
-        qs = list(model_input.tolist() if hasattr(model_input, "tolist") else model_input)
-    else:
-        raise ValueError(f"input: expected questions, got {type(model_input).__name__}")
-    for i, q in enumerate(qs):
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"input: question {i} is empty or not a string: {q!r}")
-    return [str(q) for q in qs]
+    """The questions in a pyfunc input: a DataFrame/dict with a ``question`` column, or a list;
+    raises ``RequestError`` (a ValueError) naming what is wrong (``generation.questions``)."""
+    return questions_in(model_input)
 
 
 def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,21 +96,42 @@ with warnings.catch_warnings():
         """Questions in, answers with their cited passages and scores out."""
 
         def load_context(self, context: Any) -> None:
-            cls = _import((context.model_config or {}).get("rag_class", RAG_CLASS))
+            config = context.model_config or {}
+            cls = _import(config.get("rag_class", RAG_CLASS))
             self.model = cls.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+            self.zero_top_k_is_default = not config.get(CHECKED_TOP_K, False)
+            # MLflow's scoring server calls predict from several threads at once
+            # (asyncio.to_thread), but the model is not thread-safe: the copy generator flips
+            # its backbone's config.is_decoder while decoding, so a concurrent request failed
+            # with a shape mismatch (bench/serve_load.py: 16 of 208 requests, 4 clients). One
+            # answer at a time; parallelism comes from `mlflow models serve -w N` processes.
+            self.lock = threading.Lock()
 
         # No type hints: MLflow would read them as a signature (the explicit one rules).
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-            top_k = (params or {}).get("top_k")
-            top_k = int(top_k) if top_k else None  # 0 / None: the bundle's own top_k
-            return [_plain(a) for a in self.model.answer(questions_of(model_input), top_k=top_k)]
+            """Answers; a bad request raises MlflowException(INVALID_PARAMETER_VALUE), which
+            the scoring server sends as HTTP 400 with this message."""
+            try:
+                top_k = (params or {}).get("top_k")
+                if top_k == 0 and getattr(self, "zero_top_k_is_default", True):
+                    top_k = None  # an older model: 0 (its default) = the bundle's top_k
+                questions = questions_of(model_input)
+                top_k = check_top_k(top_k)
+            except RequestError as e:
+                raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+            with self.lock:
+                answers = self.model.answer(questions, top_k=top_k)
+            return [_plain(a) for a in answers]
 
 
 def signature(kind: str = "rag") -> Any:
-    """Input: a string column ``question``; output: answer and cited passages (a retriever
-    model: the ranked passages alone); param top_k."""
+    """Input: a column ``question`` (typed Any so that MLflow passes nulls and numbers through
+    unconverted, to be refused by ``questions_of``: typed string, it would answer a null as the
+    question "None"); output: answer and cited passages (a retriever model: the ranked passages
+    alone); param top_k (null: the bundle's own)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import (
+        AnyType,
         Array,
         ColSpec,
         Object,
@@ -135,9 +150,9 @@ def signature(kind: str = "rag") -> Any:
     if kind == "retriever":
         outputs = [outputs[0], outputs[-1]]
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "question")]),
+        inputs=Schema([ColSpec(AnyType(), "question")]),
         outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("top_k", "long", 0)]),
+        params=ParamSchema([ParamSpec("top_k", "long", None)]),
     )
 
 
@@ -190,6 +205,7 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
             artifacts={BUNDLE_ARTIFACT: str(Path(bundle).resolve())},
             signature=signature(kind),
             input_example=pd.DataFrame({"question": list(example_questions)[:2]}),
-            pip_requirements=requirements(), model_config={"rag_class": rag_class},
+            pip_requirements=requirements(),
+            model_config={"rag_class": rag_class, CHECKED_TOP_K: True},
         )
     return Path(out)
