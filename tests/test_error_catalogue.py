@@ -441,10 +441,7 @@ CASES: list[Case] = [
       "nowhere.jsonl: no such file", "`evaluate-champion` of a missing questions file"),
     R("file-store-uri", ("-p", "file.yaml", "promote"), "sqlite:///mlruns/mlflow.db",
       "tracking.uri a ./mlruns file store (refused by MLflow >= 3.13)",
-      make=files(file_yaml="tracking:\n  uri: ./mlruns\n"),
-      xfail="MlflowException traceback, exit 1 (MLflow's own message: the file store is in "
-            "maintenance mode): tracking/store.py client() builds MlflowClient outside "
-            "mlflow_errors(), so the registry commands do not get the TrackingError runs give"),
+      make=files(file_yaml="tracking:\n  uri: ./mlruns\n")),
     # --- serving: the request checks of the served model ---------------------------------------
     S("null-question", serving("null"), "question 0 is null", 'a JSON null question'),
     S("number-questions", serving("number"), "question 0 is a number", "numbers as questions"),

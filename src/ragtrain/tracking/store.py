@@ -145,13 +145,18 @@ def check_store(uri: str, timeout_s: float = 5.0, *, root: Path = Path(".")) -> 
 
 def client(uri: str, root: Path = Path(".")) -> MlflowClient:
     """An MlflowClient for tracking and registry at ``uri`` (relative sqlite paths -> ``root``)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     resolved = resolve_uri(uri, root)
     db = sqlite_path(resolved)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+    try:
+        return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+    except MlflowException as e:  # e.g. a ./mlruns file store, which MLflow >= 3.13 refuses
+        raise TrackingError(f"tracking.uri {uri}: {e.message} (use a database store, e.g. the "
+                            "default sqlite:///mlruns/mlflow.db)") from None
 
 
 @contextlib.contextmanager
