@@ -127,3 +127,35 @@ def tamper_safetensors(path: Path) -> None:
     k = next(iter(sd))
     sd[k] = sd[k] + 1
     save_file(sd, str(path), metadata={"format": "pt"})
+
+
+class RecordingRun:
+    """Records what a stage's log function sends to its MLflow run."""
+
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+        self.dicts: dict = {}
+        self.artifacts: list = []
+
+    def log_metrics(self, m: dict, step: int | None = None) -> None:
+        self.metrics.update(m)
+
+    def log_dict(self, d: dict, name: str) -> None:
+        self.dicts[name] = d
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.artifacts.append((Path(path).name, folder))
+
+
+class Crash(Exception):
+    """Raised by ``crash_at``: a training run killed at a step."""
+
+
+def crash_at(at: int):  # type: ignore[no-untyped-def]
+    """An on_step callback that raises ``Crash`` when step ``at`` is reached."""
+
+    def on_step(step: int, logs: object) -> None:
+        if step == at:
+            raise Crash
+
+    return on_step

@@ -13,6 +13,7 @@ from ragtrain.config import load_config
 from ragtrain.evaluation.answers import score_answers
 from ragtrain.pipeline.generation import run_train_generator
 from ragtrain.pipeline.paths import Paths
+from tests.conftest import Crash, crash_at
 
 
 def run(*args: str) -> int:
@@ -111,15 +112,8 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_rag_project: Path) -
     run_train_generator(cfg, paths, resume=False, progress=False)
     uninterrupted = load_file(str(paths.generator / "model.safetensors"))
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, logs: object) -> None:
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        run_train_generator(cfg, paths, resume=False, progress=False, on_step=crash_at_3)
+        run_train_generator(cfg, paths, resume=False, progress=False, on_step=crash_at(3))
     state = json.loads((paths.generator_checkpoints / "last/trainer_state.json").read_text())
     assert state["state"]["step"] == 2  # the last checkpoint before the crash
     m = run_train_generator(cfg, paths, resume=True, progress=False)

@@ -21,6 +21,7 @@ from ragtrain.generation.marginal import get_marginal, rag_sequence_loss, rag_to
 from ragtrain.pipeline import tracked
 from ragtrain.pipeline.joint import run_train_rag
 from ragtrain.pipeline.paths import Paths
+from tests.conftest import Crash, RecordingRun, crash_at
 
 # ----------------------------------------------------------------- the losses, by hand
 
@@ -135,24 +136,6 @@ def test_no_cosine_term_leaves_the_marginal_alone(tiny_bert_dir: Path) -> None:
 # ----------------------------------------------------------------- the stage
 
 
-class _Run:
-    """Records what a stage's log function sends to its MLflow run."""
-
-    def __init__(self) -> None:
-        self.metrics: dict = {}
-        self.dicts: dict = {}
-        self.artifacts: list = []
-
-    def log_metrics(self, m: dict, step: int | None = None) -> None:
-        self.metrics.update(m)
-
-    def log_dict(self, d: dict, name: str) -> None:
-        self.dicts[name] = d
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.artifacts.append((Path(path).name, folder))
-
-
 JOINT_PARAMS = """joint:
   enabled: true
   top_k: 2
@@ -192,22 +175,15 @@ def test_joint_stage_trains_evaluates_and_resumes_to_the_same_weights(
     joint_q = load_file(str(out / "retriever/query/model.safetensors"))
     assert any((pipe[k] != v).any() for k, v in joint_q.items())  # the query encoder trained
     joint_g = load_file(str(out / "generator/model.safetensors"))
-    run = _Run()  # what the stage's MLflow run gets
+    run = RecordingRun()  # what the stage's MLflow run gets
     tracked.log_train_rag(run, load_config(Path("params.yaml")), Paths(), m)
     assert run.metrics["test/joint/f1"] == m["test/joint/f1"] and "joint.json" in run.dicts
     assert run.artifacts == [("train_rag.json", None), ("train_rag_loss.png", "plots")]
 
     cfg, paths = load_config(Path("params.yaml")), Paths()
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, logs: object) -> None:
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        run_train_rag(cfg, paths, resume=False, progress=False, on_step=crash_at_3)
+        run_train_rag(cfg, paths, resume=False, progress=False, on_step=crash_at(3))
     state = json.loads((p / "checkpoints/rag_joint/last/trainer_state.json").read_text())
     assert state["state"]["step"] == 2  # the last checkpoint before the crash
     m2 = run_train_rag(cfg, paths, resume=True, progress=False)
@@ -246,15 +222,8 @@ def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
                                                  "retriever/passage/model.safetensors",
                                                  "generator/model.safetensors")}
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, logs: object) -> None:
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        run_train_rag(cfg, paths, resume=False, progress=False, on_step=crash_at_3)
+        run_train_rag(cfg, paths, resume=False, progress=False, on_step=crash_at(3))
     run_train_rag(cfg, paths, resume=True, progress=False)
     for f, w in want.items():
         got = load_file(str(out / f))
@@ -269,7 +238,7 @@ def test_disabled_stage_writes_its_marker_only(tmp_path: Path) -> None:
     assert json.loads((tmp_path / files[0]).read_text())["enabled"] is False
     assert m == {"joint/enabled": 0, "train/steps": 0}
     assert json.loads((tmp_path / files[2]).read_text()) == []
-    run = _Run()
+    run = RecordingRun()
     tracked.log_train_rag(run, Config(), Paths(tmp_path), m)
     assert run.metrics == {"joint/enabled": 0.0, "train/steps": 0.0}
     assert run.dicts["rag_joint_disabled.json"]["enabled"] is False and not run.artifacts

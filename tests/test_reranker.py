@@ -26,7 +26,7 @@ from ragtrain.retrieval.reranker_training import (
     negative_pools,
     train_reranker,
 )
-from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS, tamper_safetensors
+from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS, RecordingRun, tamper_safetensors
 
 # ----------------------------------------------------------------- loss
 
@@ -324,29 +324,11 @@ def rerank_project(tmp_path: Path, tiny_bert_dir: Path,
     return tmp_path
 
 
-class _Run:
-    """Records what a stage's log function sends to its MLflow run."""
-
-    def __init__(self) -> None:
-        self.metrics: dict = {}
-        self.dicts: dict = {}
-        self.artifacts: list = []
-
-    def log_metrics(self, m: dict, step: int | None = None) -> None:
-        self.metrics.update(m)
-
-    def log_dict(self, d: dict, name: str) -> None:
-        self.dicts[name] = d
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.artifacts.append((Path(path).name, folder))
-
-
 def _log_train_reranker(params: Path) -> dict:
     from ragtrain.pipeline import tracked
     from ragtrain.pipeline.paths import Paths
 
-    run = _Run()
+    run = RecordingRun()
     result = json.loads((params.parent / "metrics/train_reranker.json").read_text())
     tracked.log_train_reranker(run, load_config(params), Paths(params.parent), result)
     return vars(run)
