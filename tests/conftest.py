@@ -159,3 +159,16 @@ def crash_at(at: int):  # type: ignore[no-untyped-def]
             raise Crash
 
     return on_step
+
+
+def run_stages(root: Path, stages: list[str] | tuple[str, ...]) -> None:
+    """Run the stages' CLI commands in order, in ``root`` (each must exit 0)."""
+    from ragtrain import cli
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for stage in stages:
+            assert cli.main([stage]) == 0, stage
+    finally:
+        os.chdir(cwd)

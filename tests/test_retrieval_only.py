@@ -11,7 +11,7 @@ import pytest
 
 from ragtrain import cli
 from ragtrain.errors import DataError
-from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS
+from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS, run_stages
 
 TOPICS = [("Cats", "Cats purr when they are content and sleep a lot.", "why do cats purr"),
           ("Dogs", "Dogs bark at strangers near the house.", "why do dogs bark"),
@@ -54,19 +54,12 @@ def make_beir(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def beir_project(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     """A tiny BEIR project with every stage up to `package` run (no tracking)."""
-    import os
 
     root = tmp_path_factory.mktemp("beir_proj")
     src = make_beir(root / "beir")
     (root / "params.yaml").write_text(BEIR_PARAMS.format(source=src, bert=tiny_bert_dir,
                                                          tracked="false"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for stage in STAGES:
-            assert cli.main([stage]) == 0, stage
-    finally:
-        os.chdir(cwd)
+    run_stages(root, STAGES)
     return root
 
 

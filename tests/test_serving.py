@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtrain import cli
-from tests.conftest import BIN, FIXTURES, TINY_RAG_PARAMS
+from tests.conftest import BIN, FIXTURES, TINY_RAG_PARAMS, run_stages
 from tests.test_ui import free_port, stop, wait
 
 pytestmark = pytest.mark.slow
@@ -37,13 +36,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Pa
     """A tiny project with its RAG bundle built (artifacts/rag); nothing registered yet."""
     root = tmp_path_factory.mktemp("proj")
     (root / "params.yaml").write_text(params(tiny_bert_dir, "sqlite:///mlruns/mlflow.db"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for stage in STAGES:
-            assert cli.main([stage]) == 0, stage
-    finally:
-        os.chdir(cwd)
+    run_stages(root, STAGES)
     return root
 
 
