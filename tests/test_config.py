@@ -106,7 +106,7 @@ def test_retriever_loss_choices_are_the_registered_losses() -> None:
     from ragtrain.retrieval.losses import LOSSES
 
     allowed = typing.get_args(typing.get_type_hints(RetrieverConfig)["loss"])
-    assert sorted(allowed) == sorted(LOSSES) == ["cosine", "in_batch_nll"]
+    assert sorted(allowed) == sorted(LOSSES) == ["cosine", "distill", "in_batch_nll"]
 
 
 def test_a_literal_choice_is_matched_by_type_too() -> None:

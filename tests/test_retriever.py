@@ -78,7 +78,8 @@ def test_losses_are_looked_up_by_name() -> None:
     p = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
     # targets pick the gold columns: cos(q0, p2) = 0, cos(q1, p1) = 0.8 -> mean(1 - cos) = 0.6
     assert cos.fn(q, p, torch.tensor([2, 1]), 0.05, None).item() == pytest.approx(0.6)
-    with pytest.raises(ValueError, match=r"unknown loss 'triplet' \(known: cosine, in_batch_nll"):
+    with pytest.raises(ValueError,
+                       match=r"unknown loss 'triplet' \(known: cosine, distill, in_batch_nll"):
         losses.get_loss("triplet")
 
 
@@ -219,3 +220,18 @@ def test_lr_schedule_warmup_and_decay() -> None:
     assert trainer.linear_warmup_decay(2, 10, 2) == 1.0
     assert trainer.linear_warmup_decay(6, 10, 2) == 0.5
     assert trainer.linear_warmup_decay(10, 10, 2) == 0.0
+
+
+def test_attention_dropout_off_keeps_hidden_dropout_and_the_same_weights(
+        tiny_bert_dir: Path) -> None:
+    spec = EncoderSpec(str(tiny_bert_dir), shared_encoder=False)
+    on = BiEncoder.from_pretrained(spec)
+    off = BiEncoder.from_pretrained(spec, attention_dropout=False)
+    for tower in (off.query_tower, off.passage):
+        assert tower.model.config.attention_probs_dropout_prob == 0.0
+        assert tower.model.config.hidden_dropout_prob == on.passage.model.config.hidden_dropout_prob
+    assert on.query_tower.model.config.attention_probs_dropout_prob > 0  # the default: as saved
+    assert on.fingerprint() == off.fingerprint()  # a training setting, not other weights
+    texts = ["Paris is the capital of France.", "The Seine runs through it."]
+    assert np.allclose(encode(on.query_tower, on.tokenizer, texts, 8, 2),
+                       encode(off.query_tower, off.tokenizer, texts, 8, 2), atol=1e-6)

@@ -80,8 +80,14 @@ class RetrieverConfig:
     shared_encoder: bool = True  # False: separate query / passage towers (DPR style)
     query_max_length: int = _f(64, ge=8)
     passage_max_length: int = _f(256, ge=8)
-    loss: Literal["in_batch_nll", "cosine"] = "in_batch_nll"  # = retrieval.losses.LOSSES keys
+    # false: no attention-probability dropout in training (PyTorch SDPA's fast path: cheaper steps)
+    attention_dropout: bool = True
+    # = retrieval.losses.LOSSES keys; distill: in_batch_nll + distill_weight x KL(reranker ||
+    # bi-encoder) over each question's candidates (scored by the teacher_scores stage)
+    loss: Literal["in_batch_nll", "cosine", "distill"] = "in_batch_nll"
     temperature: float = _f(0.05, gt=0)
+    distill_weight: float = _f(1.0, ge=0)  # loss distill: the KL term's weight
+    distill_temperature: float = _f(1.0, gt=0)  # loss distill: reranker logits / this
     hard_negatives: Literal["none", "bm25", "dense", "both"] = "none"
     hard_negatives_per_query: int = _f(1, ge=0)
     hard_negative_depth: int = _f(20, ge=1)  # mine from this many top candidates
@@ -303,6 +309,14 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def __post_init__(self) -> None:
+        if self.retriever.loss == "distill" and not self.reranker.enabled:
+            raise ConfigError("retriever.loss: distill learns from the reranker's scores; set "
+                              "reranker.enabled: true (or choose in_batch_nll)")
+        if self.retriever.loss == "distill" and self.retriever.hard_negatives_per_query < 1:
+            raise ConfigError("retriever.hard_negatives_per_query: loss distill needs >= 1 "
+                              "teacher-scored negative per question, got 0")
 
 
 # --------------------------------------------------------------------------- loading

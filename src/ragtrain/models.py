@@ -46,3 +46,16 @@ def load_tokenizer(name: str) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise model_load_error(name, e) from None
+
+
+# Attention-probability dropout: with it on, PyTorch's SDPA attention falls back to the slow math
+# path (and draws a mask per head); hidden-state dropout is another setting and stays.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def without_attention_dropout(config: Any) -> Any:
+    """``config`` (a transformers config) with attention-probability dropout set to 0."""
+    for name in ATTENTION_DROPOUT_KEYS:
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    return config

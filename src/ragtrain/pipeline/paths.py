@@ -85,6 +85,11 @@ class Paths:
         return self._p("plots/train_reranker.json")
 
     @property
+    def teacher_scores(self) -> Path:
+        return self._p("artifacts/teacher_scores")  # the reranker's scores that loss distill
+        # learns from (scores.jsonl), or DISABLED.json when retriever.loss is not distill
+
+    @property
     def embeddings(self) -> Path:
         return self._p("artifacts/embeddings")
 

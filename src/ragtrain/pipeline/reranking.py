@@ -61,3 +61,45 @@ def run_train_reranker(cfg: Config, paths: Paths, *, resume: bool = True,
         extra={"reranker/enabled": 1,
                "train/questions": state.step * rk.batch_questions * rk.grad_accum_steps})
 
+
+
+def run_teacher_scores(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[str, Any]:
+    """The reranker's scores over each train question's gold passage and BM25 hard negatives
+    (what ``retriever.loss: distill`` learns from) -> artifacts/teacher_scores/scores.jsonl;
+    with another loss, the marker DISABLED.json (nothing scored, no model loaded)."""
+    rc = cfg.retriever
+    if rc.loss != "distill":
+        with atomic_path(paths.teacher_scores) as tmp:
+            tmp.mkdir()
+            atomic_write_json(tmp / "DISABLED.json", {
+                "enabled": False,
+                "reason": f"retriever.loss is {rc.loss!r}, not distill: the retriever learns "
+                          "from no teacher"})
+        return {"teacher/enabled": 0}
+    from ragtrain import runtime
+    from ragtrain.data.corpus import Corpus, check_gold_ids
+    from ragtrain.io import write_jsonl
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.distill import score_candidates, teacher_candidates
+    from ragtrain.retrieval.reranker import Reranker
+    from ragtrain.retrieval.training import labelled
+
+    corpus = Corpus.load(paths.corpus)
+    train = read_queries(paths, "train")
+    check_gold_ids(train, corpus, str(paths.queries("train")))
+    rows = labelled(train)
+    bm25 = BM25Retriever.load(paths.bm25, expect_corpus_sha256=sha256_file(paths.corpus))
+    reranker = Reranker.load(paths.reranker)
+    candidates = teacher_candidates(rows, corpus, bm25, depth=rc.hard_negative_depth,
+                                    n=rc.hard_negatives_per_query)
+    scored = score_candidates(reranker, rows, corpus, candidates,
+                              batch_size=cfg.reranker.eval_batch_size,
+                              bf16=runtime.use_bf16(cfg.reranker.precision), progress=progress)
+    with atomic_path(paths.teacher_scores) as tmp:
+        tmp.mkdir()
+        write_jsonl(tmp / "scores.jsonl", scored)
+        atomic_write_json(tmp / "meta.json", {
+            "reranker_fingerprint": reranker.fingerprint(), "questions": len(scored),
+            "pairs": sum(len(r["candidates"]) for r in scored)})
+    return {"teacher/enabled": 1, "teacher/questions": len(scored),
+            "teacher/pairs": sum(len(r["candidates"]) for r in scored)}

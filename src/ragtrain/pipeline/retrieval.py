@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtrain.config import Config
+from ragtrain.errors import DataError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
 from ragtrain.pipeline.paths import Paths, read_queries
@@ -44,13 +45,24 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
     # BM25 for mining is rebuilt in memory (well under a second): no dependency on artifacts/
     bm25 = (BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids)
             if rc.hard_negatives in ("bm25", "both") else None)
-    model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    teacher, teacher_sha = None, ""
+    if rc.loss == "distill":  # the reranker's scores (stage teacher_scores)
+        from ragtrain.retrieval.distill import read_teacher_scores
+
+        scores = paths.teacher_scores / "scores.jsonl"
+        if not scores.is_file():
+            raise DataError(f"{scores}: missing; retriever.loss distill needs the teacher's "
+                            "scores: run `dvc repro teacher_scores` (reranker.enabled: true)")
+        teacher, teacher_sha = read_teacher_scores(scores, corpus.ids), sha256_file(scores)
+    model = BiEncoder.from_pretrained(EncoderSpec.from_config(rc),
+                                      attention_dropout=rc.attention_dropout)
     record = TrainingRecord(on_step)
     state = train_retriever(
         model, corpus, train, dev, rc, seed=cfg.seed, ckpt_dir=paths.retriever_checkpoints,
-        resume=resume, bm25=bm25, on_step=record, progress=progress,
+        resume=resume, bm25=bm25, on_step=record, progress=progress, teacher=teacher,
         signature_parts=[sha256_file(paths.corpus), sha256_file(paths.queries("train")),
-                         sha256_file(paths.queries("dev")), *code_hashes(run_train_retriever)])
+                         sha256_file(paths.queries("dev")), teacher_sha,
+                         *code_hashes(run_train_retriever)])
     model.save(paths.retriever)
     return record.finish(state, select="dev/recall_at_1",
                          metrics_file=paths.retriever_train_metrics,

@@ -25,7 +25,7 @@ from ragtrain.pipeline.joint import run_train_rag
 from ragtrain.pipeline.paths import Paths
 from ragtrain.pipeline.registry import run_register
 from ragtrain.pipeline.report import describe_report, run_report
-from ragtrain.pipeline.reranking import run_train_reranker
+from ragtrain.pipeline.reranking import run_teacher_scores, run_train_reranker
 from ragtrain.pipeline.retrieval import (
     run_build_bm25,
     run_build_index,
@@ -174,13 +174,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("build-bm25", run_build_bm25, "build the BM25 index over the corpus",
           lambda c, p, out: f"built BM25 index {out}",
           deps=("data/prepared/corpus.jsonl",), outs=("artifacts/bm25",)),
-    Stage("train-retriever", run_train_retriever,
-          "fine-tune the dense retriever (contrastive, hard negatives)",
-          lambda c, p, m: f"trained retriever -> {p.retriever}: " + _fmt(m, ".4g"),
-          params=("seed", "retriever"), deps=("data/prepared",),
-          outs=("artifacts/retriever",), metrics=("metrics/train_retriever.json",),
-          plots=(Plot("plots/train_retriever.json", "step", "loss"),),
-          log=log.log_train_retriever, resume=True, comment=_RESUME_NOTE),
     Stage("train-reranker", run_train_reranker,
           "fine-tune the cross-encoder reranker on BM25 hard negatives (reranker.enabled)",
           lambda c, p, m: (f"trained reranker -> {p.reranker}: " + _fmt(m, ".4g"))
@@ -192,6 +185,26 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           log=log.log_train_reranker, resume=True,
           comment="reranker.enabled: false writes artifacts/reranker/DISABLED.json (no model)\n"
                   + _RESUME_NOTE),
+    Stage("teacher-scores", run_teacher_scores,
+          "score train questions' candidates with the reranker (retriever.loss: distill)",
+          lambda c, p, m: (f"teacher scores -> {p.teacher_scores}: " + _fmt(m, "g"))
+          if m.get("teacher/enabled") else f"no teacher (retriever.loss: {c.retriever.loss}) "
+                                           f"-> {p.teacher_scores}/DISABLED.json",
+          params=("retriever.loss", "retriever.hard_negative_depth",
+                  "retriever.hard_negatives_per_query", "reranker.precision",
+                  "reranker.eval_batch_size"),
+          deps=("data/prepared", "artifacts/bm25", "artifacts/reranker"),
+          outs=("artifacts/teacher_scores",), log=log.log_metrics,
+          comment="the reranker's logits over each train question's gold passage and BM25 hard "
+                  "negatives,\nwhat retriever.loss: distill learns from; any other loss writes "
+                  "DISABLED.json only"),
+    Stage("train-retriever", run_train_retriever,
+          "fine-tune the dense retriever (contrastive, hard negatives)",
+          lambda c, p, m: f"trained retriever -> {p.retriever}: " + _fmt(m, ".4g"),
+          params=("seed", "retriever"), deps=("data/prepared", "artifacts/teacher_scores"),
+          outs=("artifacts/retriever",), metrics=("metrics/train_retriever.json",),
+          plots=(Plot("plots/train_retriever.json", "step", "loss"),),
+          log=log.log_train_retriever, resume=True, comment=_RESUME_NOTE),
     Stage("build-index", run_build_index, "encode the corpus and build the FAISS index",
           lambda c, p, out: f"built {c.index.kind} index {out}",
           params=("index",), deps=("data/prepared/corpus.jsonl", "artifacts/retriever"),

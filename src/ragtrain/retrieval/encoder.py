@@ -22,7 +22,7 @@ from ragtrain.config import RetrieverConfig
 from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path
-from ragtrain.models import model_load_error, resolve_model_path
+from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
 
 SPEC_FILE = "retriever.json"
 
@@ -81,15 +81,20 @@ class BiEncoder(torch.nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, spec: EncoderSpec) -> BiEncoder:
-        """A fresh bi-encoder from a hub name, a local folder or the bundled MiniLM."""
-        from transformers import AutoModel, AutoTokenizer
+    def from_pretrained(cls, spec: EncoderSpec, *, attention_dropout: bool = True) -> BiEncoder:
+        """A fresh bi-encoder from a hub name, a local folder or the bundled MiniLM;
+        ``attention_dropout=False`` trains without attention-probability dropout (SDPA's fast
+        path: cheaper steps; retriever.attention_dropout)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = resolve_model_path(spec.base_model)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            q = AutoModel.from_pretrained(path)
-            p = None if spec.shared_encoder else AutoModel.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+            if not attention_dropout:
+                config = without_attention_dropout(config)
+            q = AutoModel.from_pretrained(path, config=config)
+            p = None if spec.shared_encoder else AutoModel.from_pretrained(path, config=config)
         except OSError as e:
             raise model_load_error(spec.base_model, e) from None
         return cls(Tower(q, spec.pooling), Tower(p, spec.pooling) if p is not None else None,

@@ -26,17 +26,21 @@ class Loss:
     # True: the columns are the batch's passages then its hard negatives, with false negatives
     # masked; False: the batch's passages alone (no negatives are encoded).
     uses_negatives: bool
+    # True: the trainer also passes ``teacher=`` (B, P) reranker logits, NaN where unscored,
+    # plus ``weight=`` and ``teacher_temperature=`` (retriever.distill_*)
+    uses_teacher: bool = False
 
 
 LOSSES: dict[str, Loss] = {}
 
 
-def register_loss(name: str, *, uses_negatives: bool = True) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, *, uses_negatives: bool = True,
+                  uses_teacher: bool = False) -> Callable[[LossFn], LossFn]:
     """Decorator: make ``fn`` the loss that ``retriever.loss: name`` selects."""
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = Loss(fn, uses_negatives)
+        LOSSES[name] = Loss(fn, uses_negatives, uses_teacher)
         return fn
     return add
 
@@ -64,6 +68,42 @@ def in_batch_nll_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     return F.cross_entropy(scores, targets)
+
+
+def teacher_kl(scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean_i KL(softmax(teacher_i) || softmax(scores_i))`` over the columns the teacher scored.
+
+    scores, teacher: (B, P) logits; teacher is NaN where it did not score a column (another
+    question's passage), and those columns leave both softmaxes. Rows the teacher scored at
+    fewer than two columns carry no ranking signal and are left out (0 when none is left).
+    """
+    scored = ~torch.isnan(teacher)
+    rows = scored.sum(dim=1) >= 2
+    if not bool(rows.any()):
+        return scores.sum() * 0.0  # keeps the graph: a zero gradient, not an error
+    s = scores.float()[rows].masked_fill(~scored[rows], float("-inf"))
+    t = teacher.float()[rows].masked_fill(~scored[rows], float("-inf"))
+    log_p_t = F.log_softmax(t, dim=1)
+    log_p_s = F.log_softmax(s, dim=1)
+    keep = scored[rows]
+    kl = torch.where(keep, log_p_t.exp() * (log_p_t - log_p_s), torch.zeros_like(log_p_s))
+    return kl.sum(dim=1).mean()
+
+
+@register_loss("distill", uses_teacher=True)
+def distill_loss(q: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
+                 temperature: float, mask: torch.Tensor | None = None, *,
+                 teacher: torch.Tensor, weight: float = 1.0,
+                 teacher_temperature: float = 1.0) -> torch.Tensor:
+    """Distillation from a cross-encoder (Tevatron's / FlagEmbedding's recipe): the contrastive
+    ``in_batch_nll_loss`` plus ``weight x teacher_kl`` between the reranker's softmax
+    (logits / teacher_temperature) and the bi-encoder's (q . p / temperature) over each
+    question's teacher-scored candidates: its gold passage and its hard negatives."""
+    nll = in_batch_nll_loss(q, p, targets, temperature, mask)
+    if weight == 0:
+        return nll
+    scores = (q @ p.T).float() / temperature
+    return nll + weight * teacher_kl(scores, teacher / teacher_temperature)
 
 
 def cosine_loss(q: torch.Tensor, p_gold: torch.Tensor) -> torch.Tensor:

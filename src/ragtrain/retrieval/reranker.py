@@ -24,13 +24,11 @@ from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import RagtrainError, RetrievalError
 from ragtrain.io import atomic_path
-from ragtrain.models import model_load_error, resolve_model_path
+from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
 from ragtrain.retrieval.encoder import passage_inputs
 
 SPEC_FILE = "reranker.json"
 MODEL_DIR = "model"  # the weights, config and tokenizer: loadable by any HF / ST cross-encoder
-# Attention-probability dropout off: with it on, SDPA falls back to the slow math path.
-_ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
 
 
 @dataclass(frozen=True)
@@ -71,10 +69,8 @@ class Reranker(torch.nn.Module):
         path = resolve_model_path(spec.base_model)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            config = AutoConfig.from_pretrained(path, num_labels=1)
-            for name in _ATTENTION_DROPOUT:
-                if hasattr(config, name):
-                    setattr(config, name, 0.0)
+            # attention-probability dropout off (SDPA's fast path; models.py)
+            config = without_attention_dropout(AutoConfig.from_pretrained(path, num_labels=1))
             with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is untouched
                 torch.manual_seed(seed)
                 model, info = AutoModelForSequenceClassification.from_pretrained(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from ragtrain.config import RetrieverConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
 from ragtrain.retrieval import losses
+from ragtrain.retrieval.distill import TeacherScores, distill_negatives
 from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
 from ragtrain.retrieval.grad_cache import grad_cached_loss
 from ragtrain.retrieval.metrics import evaluate_retrieval
@@ -170,12 +172,15 @@ class Batches:
 
 def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]],
                  negatives: Sequence[Sequence[str]], cfg: RetrieverConfig, *, seed: int,
-                 bf16: bool | torch.dtype | None) -> Callable[[int], tuple[torch.Tensor, int]]:
+                 bf16: bool | torch.dtype | None, teacher: TeacherScores | None = None
+                 ) -> Callable[[int], tuple[torch.Tensor, int]]:
     """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
     text = dict(zip(corpus.ids, passage_inputs(corpus.passages), strict=True))
     gold = [set(r["gold_passage_ids"]) for r in rows]
     batches = Batches.build(rows, cfg, seed)
     loss = losses.get_loss(cfg.loss)
+    if loss.uses_teacher and teacher is None:
+        raise ValueError(f"retriever.loss {cfg.loss!r} needs the teacher's scores")
 
     def loss_fn(i: int) -> tuple[torch.Tensor, int]:
         pids, idx, targets = batches(i)
@@ -185,16 +190,22 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
             mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
         questions = [rows[j]["question"] for j in idx]
         t = torch.tensor(targets)
+        fn = loss.fn
+        if loss.uses_teacher and teacher is not None:  # (B, P) logits, NaN: not scored
+            own = [teacher[rows[j]["id"]] for j in idx]
+            scores = torch.tensor([[s.get(c, math.nan) for c in columns] for s in own])
+            fn = functools.partial(fn, teacher=scores, weight=cfg.distill_weight,
+                                   teacher_temperature=cfg.distill_temperature)
         if cfg.grad_cache_chunk:  # the same gradient, chunk-sized activations (grad_cache.py)
             return grad_cached_loss(
                 [(lambda x: model.forward_queries(list(x)), questions),
                  (lambda x: model.forward_passages(list(x)), [text[c] for c in columns])],
-                lambda q, p: loss.fn(q, p, t, cfg.temperature, mask), cfg.grad_cache_chunk,
+                lambda q, p: fn(q, p, t, cfg.temperature, mask), cfg.grad_cache_chunk,
                 context=lambda: runtime.autocast(bf16)), len(idx)
         with runtime.autocast(bf16):
             q = model.forward_queries(questions)
             p = model.forward_passages([text[c] for c in columns])
-        return loss.fn(q, p, t, cfg.temperature, mask), len(idx)
+        return fn(q, p, t, cfg.temperature, mask), len(idx)
 
     return loss_fn
 
@@ -219,8 +230,12 @@ def train_retriever(
     on_step: Callable[[int, Mapping[str, float]], None] | None = None,
     progress: bool = True,
     signature_parts: Sequence[str] = (),
+    teacher: TeacherScores | None = None,
 ) -> trainer.TrainState:
-    """Train ``model`` in place; it ends holding the best dev weights (or the last ones)."""
+    """Train ``model`` in place; it ends holding the best dev weights (or the last ones).
+
+    ``teacher`` (loss distill): the reranker's scores per train question id; its candidates are
+    the hard negatives (``cfg.hard_negatives`` is not mined then)."""
     trainer.seed_everything(seed)
     rows = labelled(train_rows)
     dev = labelled(dev_rows)
@@ -228,7 +243,8 @@ def train_retriever(
         raise DataError("no training question has a gold passage")
     amp = runtime.amp_dtype(cfg.precision)  # training autocast: bf16, fp16 (loss scaled) or none
     bf16 = amp == torch.bfloat16  # mining and dev encoding
-    negatives = mine(model, corpus, rows, cfg, bm25=bm25, bf16=bf16)
+    negatives = (distill_negatives(rows, teacher, cfg.hard_negatives_per_query)
+                 if teacher is not None else mine(model, corpus, rows, cfg, bm25=bm25, bf16=bf16))
     signature = run_signature(cfg, seed, model.fingerprint(), *signature_parts)
     resumed = trainer.prepare_ckpt_dir(ckpt_dir, signature, resume)
     loop = trainer.LoopConfig(
@@ -244,6 +260,7 @@ def train_retriever(
                                   batch_size=64)
 
     return trainer.train_loop(
-        model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=amp), loop,
+        model, make_loss_fn(model, corpus, rows, negatives, cfg, seed=seed, bf16=amp,
+                            teacher=teacher), loop,
         ckpt_dir=ckpt_dir, signature=signature, resume=resumed, evaluate=evaluate,
         select_metric="dev/recall_at_1", on_step=on_step)
