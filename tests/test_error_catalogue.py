@@ -123,6 +123,30 @@ def with_sha(sha: str) -> Callable[[Path], None]:
     return make
 
 
+def zip_source(member: tuple[str, bytes, int | None]) -> Callable[[Path], None]:
+    """A .zip source holding a good SQuAD file and ``member`` (name, body, unix mode), written
+    as given: a crafted archive."""
+    import zipfile
+
+    def content() -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("dev.json", json.dumps(squad()))
+            info = zipfile.ZipInfo(member[0])
+            if member[2] is not None:
+                info.external_attr = member[2] << 16
+            z.writestr(info, member[1])
+        return buf.getvalue()
+    return source_file("dev.json.zip", content)
+
+
+def folder_with_link(proj: Path) -> None:
+    """A corpus.jsonl + qa.jsonl folder source with a symbolic link to a file outside it."""
+    jsonl_pair()(proj)
+    (proj / "secret.txt").write_text("hunter2\n")
+    (proj / "in/pair/extra.jsonl").symlink_to(proj / "secret.txt")
+
+
 def files(**named: str | bytes) -> Callable[[Path], None]:
     """Write files into the (already prepared) project: ``bad_yaml=...`` -> bad.yaml."""
     def make(proj: Path) -> None:
@@ -316,6 +340,18 @@ CASES: list[Case] = [
     Case("source-missing", "data", "data.source a path that does not exist",
          "data.source: nowhere/dev.json does not exist",
          make=lambda proj: params_for(proj, "nowhere/dev.json"), argv=("fetch",), pre=()),
+    Case("zip-member-escapes", "data", "a .zip with a member `../evil.json` (zip slip)",
+         "dev.json.zip: member '../evil.json' is a path that escapes the archive's folder",
+         make=zip_source(("../evil.json", b"{}", None)), argv=("fetch",), pre=()),
+    Case("zip-member-absolute", "data", "a .zip with a member at an absolute path",
+         "dev.json.zip: member '/tmp/evil.json' is an absolute path",
+         make=zip_source(("/tmp/evil.json", b"{}", None)), argv=("fetch",), pre=()),
+    Case("zip-member-symlink", "data", "a .zip with a symbolic link member",
+         "dev.json.zip: member 'link.json' is a symbolic link",
+         make=zip_source(("link.json", b"/etc/passwd", 0o120777)), argv=("fetch",), pre=()),
+    Case("folder-symlink", "data", "a data folder holding a symbolic link",
+         "in/pair/extra.jsonl is a symbolic link; refused", make=folder_with_link,
+         argv=("fetch",), pre=()),
     # --- params.yaml ---------------------------------------------------------------------------
     P("unknown-key", "data:\n  sourse: x\n", "params.data.sourse: unknown key",
       "a mistyped key (data.sourse)"),
@@ -406,15 +442,13 @@ CASES: list[Case] = [
     C("dag-check-differs", ("dag", "--check", "--dvc-yaml", "dvc.yaml"),
       "dvc.yaml differs from the stage table", "a dvc.yaml edited by hand",
       make=files(dvc_yaml="stages: {}\n")),
-    C("predict-not-utf8", ("predict", "bad.jsonl", "-o", "out.jsonl"), "bad.jsonl:1",
-      "a questions file with a non-UTF-8 byte", make=files(bad_jsonl=b'{"question": "caf\xe9"}\n'),
-      xfail="UnicodeDecodeError traceback, exit 1: read_questions (src/ragtrain/data/questions.py)"
-            " reads with encoding='utf-8' without turning the error into a DataError"),
-    C("package-before-train-generator", ("package",), "artifacts/generator",
-      "`package` run before the stages it bundles (index, generator)",
-      xfail="FileNotFoundError traceback, exit 1 (here: artifacts/index/meta.json): "
-            "run_package (pipeline/generation.py) -> export_bundle (generation/rag.py) opens "
-            "each part without the 'missing; run `ragtrain ...` first' check other stages have"),
+    C("predict-not-utf8", ("predict", "bad.jsonl", "-o", "out.jsonl"),
+      "bad.jsonl:1: not UTF-8 text (byte 0xe9 at offset 17)",
+      "a questions file with a non-UTF-8 byte",
+      make=files(bad_jsonl=b'{"question": "caf\xe9"}\n')),
+    C("package-before-train-generator", ("package",),
+      "artifacts/generator/generator.json (made by `ragtrain train-generator`)",
+      "`package` run before the stages it bundles (index, generator)"),
     # --- registry (an MLflow store with no model in it) ---------------------------------------
     R("promote-nothing", ("promote",),
       "no ragtrain-rag@challenger to promote in sqlite:///mlruns/mlflow.db: register a model",

@@ -123,7 +123,9 @@ def trec_run(ranked: list[dict[str, Any]], tag: str = "ragtrain") -> str:
 def _cmd_pipeline(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
     run_id = orchestration.run_pipeline(cfg, paths, args.dvc_args)
     if run_id:
-        print(f"pipeline MLflow run {run_id} ({cfg.tracking.uri}, experiment "
+        from ragtrain.tracking import redact
+
+        print(f"pipeline MLflow run {run_id} ({redact(cfg.tracking.uri)}, experiment "
               f"{cfg.tracking.experiment!r}); see it with `make mlflow-ui`")
 
 
@@ -285,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.params, overrides)
         args.fn(cfg, Paths(), args)
     except RagtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from ragtrain.tracking.runs import redact  # a password in a URI never reaches a log
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

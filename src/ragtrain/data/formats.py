@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ragtrain.data.source import find_symlink, unsafe_zip_member
 from ragtrain.errors import DataError
 
 # --------------------------------------------------------------------------- records
@@ -64,6 +65,8 @@ class Member:
 def _members(payload: Path) -> dict[str, Member]:
     """Map relative POSIX paths to readable members of a folder, a .zip, a .gz or a file."""
     if payload.is_dir():
+        if link := find_symlink(payload):  # e.g. data/raw edited by hand: never follow a link
+            raise DataError(f"{link}: a symbolic link in the data folder; refused")
         return {
             p.relative_to(payload).as_posix(): Member(str(p), p.read_bytes)
             for p in sorted(payload.rglob("*"))
@@ -75,6 +78,10 @@ def _members(payload: Path) -> dict[str, Member]:
             z = zipfile.ZipFile(payload)
         except zipfile.BadZipFile as e:
             raise DataError(f"{payload}: not a valid zip file ({e})") from None
+
+        for i in z.infolist():
+            if why := unsafe_zip_member(i):
+                raise DataError(f"{payload}:{i.filename}: a zip member that is {why}; refused")
 
         def reader(n: str) -> Callable[[], bytes]:
             return lambda: z.read(n)

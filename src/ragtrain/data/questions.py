@@ -22,8 +22,15 @@ def read_questions(path: Path, *, need_answers: bool = False) -> list[dict[str, 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                        f"offset {e.start})") from None
     rows: list[dict[str, Any]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if not need_answers and path.suffix != ".jsonl":

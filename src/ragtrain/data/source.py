@@ -5,13 +5,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ragtrain.errors import SourceError
@@ -65,6 +67,41 @@ def sha256_tree(root: Path) -> str:
     return h.hexdigest()
 
 
+def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member may not be read as data (a path outside the archive's folder, a
+    symbolic link: a crafted archive's ways to reach other files); None when it is safe."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or PureWindowsPath(info.filename).drive:
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a path that escapes the archive's folder (..)"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def check_zip(path: Path, name_for_errors: str) -> None:
+    """Refuse a .zip with a member :func:`unsafe_zip_member` rejects, naming the member."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise SourceError(f"{name_for_errors}: not a valid zip file ({e})") from None
+    for info in infos:
+        if why := unsafe_zip_member(info):
+            raise SourceError(f"{name_for_errors}: member {info.filename!r} is {why}; refused "
+                              "(a data archive holds plain files under its own folder)")
+
+
+def find_symlink(root: Path) -> Path | None:
+    """The first symbolic link under the folder ``root`` (links are not followed); None if none."""
+    for here, dirs, names in os.walk(root):
+        for n in sorted(dirs + names):
+            if (Path(here) / n).is_symlink():
+                return Path(here) / n
+    return None
+
+
 def _download(url: str, dest: Path, timeout_s: float) -> None:
     hint = (
         "If this machine is offline, point data.source at a local copy, e.g. "
@@ -108,7 +145,10 @@ def _copy_in(source: str, tmp: Path, root: Path, timeout_s: float) -> Path:
         raise SourceError(f"data.source: {source} does not exist (resolved to {src.resolve()})")
     dest = tmp / src.name
     if src.is_dir():
-        shutil.copytree(src, dest)
+        if link := find_symlink(src):
+            raise SourceError(f"data.source: {link} is a symbolic link; refused (a data folder "
+                              "holds plain files: copy the file in instead of linking it)")
+        shutil.copytree(src, dest, symlinks=True)
     else:
         shutil.copyfile(src, dest)
     return dest
@@ -127,6 +167,8 @@ def fetch_source(source: str | Sequence[str], expected_sha256: str, out_dir: Pat
         for loc in locations:
             try:
                 dest = _copy_in(loc, tmp, root, timeout_s)
+                if dest.name.lower().endswith(".zip"):
+                    check_zip(dest, f"data.source: {loc}")
                 break
             except SourceError as e:
                 if len(locations) == 1:

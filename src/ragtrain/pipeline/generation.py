@@ -14,10 +14,11 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ragtrain.config import Config, to_dict
-from ragtrain.errors import DataError
+from ragtrain.errors import DataError, SourceError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
 from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved, read_retrieved_scores
@@ -246,14 +247,35 @@ def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
     return parts
 
 
+# The file of each part export_bundle opens, and the stage that writes it.
+_PART_FILES = {"encoder_dir": ("retriever.json", "train-retriever"),
+               "index_dir": ("meta.json", "build-index"), "bm25_dir": ("", "build-bm25"),
+               "generator_dir": ("generator.json", "train-generator"),
+               "reranker_dir": ("", "train-reranker"), "corpus_path": ("", "prepare")}
+
+
+def check_parts(parts: Mapping[str, Any], eval_queries: Path) -> None:
+    """Raise naming every missing input of `package` and the stage that makes it."""
+    missing = [] if eval_queries.exists() else [f"{eval_queries} (made by `ragtrain prepare`)"]
+    for key, (name, stage) in _PART_FILES.items():
+        part = parts.get(key)
+        if part is not None and not (part / name if name else part).exists():
+            missing.append(f"{part / name if name else part} (made by `ragtrain {stage}`)")
+    if missing:
+        raise SourceError(f"package: missing input(s): {', '.join(missing)}; run those stages "
+                          "first (or `dvc repro package`)")
+
+
 def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
     """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers);
     without a generator, a retriever bundle; with reranker.enabled, the reranker bound in."""
     from ragtrain.generation.rag import export_bundle
 
+    parts = model_parts(cfg, paths)
+    check_parts(parts, paths.queries(cfg.evaluation.split))
     extra = {"eval_set_sha256": sha256_file(paths.queries(cfg.evaluation.split)),
              "eval_split": cfg.evaluation.split}
     if paths.generator_metrics.exists():
         extra["metrics"] = json.loads(paths.generator_metrics.read_text())
-    return export_bundle(cfg.retriever, **model_parts(cfg, paths), out=paths.bundle,
+    return export_bundle(cfg.retriever, **parts, out=paths.bundle,
                          precision=cfg.generator.precision, extra=extra)

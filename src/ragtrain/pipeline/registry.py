@@ -52,7 +52,7 @@ def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
     out = {"registered": True, "model": reg.name, "version": reg.version,
            "kind": manifest.get("kind", RAG), "alias": registry.CHALLENGER, "run_id": reg.run_id,
            **{f"{c}_version": v for c, v in reg.components.items()},
-           "tracking_uri": cfg.tracking.uri}
+           "tracking_uri": tracking.redact(cfg.tracking.uri)}
     atomic_write_json(paths.registered, out)
     return out
 

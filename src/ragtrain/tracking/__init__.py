@@ -4,7 +4,7 @@
 the configured URI: nothing here touches MLflow's global tracking URI or active-run state.
 
 - ``store``: resolve and check the tracking URI, bind a client;
-- ``runs``: ``run()`` and its ``RunHandle``, MLflow's name rules;
+- ``runs``: ``run()`` and its ``RunHandle``, MLflow's name rules, ``redact`` (secrets);
 - ``lineage``: git, dvc.lock hashes and library versions behind a run;
 - ``promotion``: the pure promotion rule ``should_promote``;
 - ``model_registry``: registry calls (versions, aliases, tags, the RAG pyfunc model);
@@ -35,6 +35,7 @@ from ragtrain.tracking.runs import (
     PARENT_RUN_TAG,
     RunHandle,
     check_name,
+    redact,
     run,
 )
 from ragtrain.tracking.store import artifact_root, check_store, client, resolve_uri, sqlite_path
@@ -57,6 +58,7 @@ __all__ = [
     "log_rag_model",
     "plot_curve",
     "plot_recall_at_k",
+    "redact",
     "register_model",
     "resolve_uri",
     "run",

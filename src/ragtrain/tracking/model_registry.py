@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragtrain.errors import TrackingError
-from ragtrain.tracking.runs import MAX_TAG_LEN, RunHandle, truncate_value
-from ragtrain.tracking.store import client, mlflow_errors, resolve_uri
+from ragtrain.tracking.runs import MAX_TAG_LEN, RunHandle, redact, redact_value, truncate_value
+from ragtrain.tracking.store import client, explain, mlflow_errors, resolve_uri
 
 if TYPE_CHECKING:
     from ragtrain.config import TrackingConfig
@@ -43,7 +43,8 @@ def register_model(
                 raise
         source = f"{r.info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
         mv = mc.create_model_version(
-            name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+            name, source, run_id=run_id,
+            tags={k: str(redact_value(k, v)) for k, v in (tags or {}).items()}
         )
     return str(mv.version)
 
@@ -66,7 +67,7 @@ def get_alias(cfg: TrackingConfig, name: str, alias: str, *,
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
             return None
-        raise TrackingError(f"get alias {name}@{alias}: {e.message}") from e
+        raise TrackingError(f"get alias {name}@{alias}: {explain(e)}") from e
     v = (rm.aliases or {}).get(alias)
     return None if v is None else str(v)
 
@@ -85,7 +86,7 @@ def tag_version(cfg: TrackingConfig, name: str, version: str, tags: Mapping[str,
     mc = client(cfg.uri, root)
     with mlflow_errors(f"tag {name} version {version}"):
         for k, v in tags.items():
-            value = truncate_value(v, MAX_TAG_LEN, k, "tag")
+            value = truncate_value(redact_value(k, v), MAX_TAG_LEN, k, "tag")
             mc.set_model_version_tag(name, str(version), k, value)
 
 
@@ -145,7 +146,7 @@ def load_rag_model(cfg: TrackingConfig, name: str, alias: str, dst: Path, *,
 
     version = get_alias(cfg, name, alias, root=root)
     if version is None:
-        raise TrackingError(f"no model {name}@{alias} in {cfg.uri}")
+        raise TrackingError(f"no model {name}@{alias} in {redact(cfg.uri)}")
     local = download_version(cfg, name, version, dst, root=root)
     with mlflow_errors(f"load {name} version {version}"):
         return version, mlflow.pyfunc.load_model(str(local)).unwrap_python_model().model

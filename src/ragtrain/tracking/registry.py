@@ -279,11 +279,12 @@ def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."
     ``registry.min_gain``, a first model below ``registry.floor``, evaluation sets that differ,
     an index built by another encoder than the retriever's.
     """
+    tracking.check_store(tcfg.uri, root=root)  # an unreachable server: fail now, not after retries
     name = rcfg.model_name
     challenger = version or tracking.get_alias(tcfg, name, CHALLENGER, root=root)
     if challenger is None:
-        raise RegistryError(f"no {name}@{CHALLENGER} to promote in {tcfg.uri}: register a model "
-                            "first (ragtrain register, or run the pipeline)")
+        raise RegistryError(f"no {name}@{CHALLENGER} to promote in {tracking.redact(tcfg.uri)}: "
+                            "register a model first (ragtrain register, or run the pipeline)")
     champion = tracking.get_alias(tcfg, name, CHAMPION, root=root)
     if champion == challenger:
         raise RegistryError(f"{name} version {challenger} is already the champion")
@@ -331,10 +332,12 @@ class Rollback:
 def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
              root: Path = Path(".")) -> Rollback:
     """Return ``champion`` to the version the current champion replaced."""
+    tracking.check_store(tcfg.uri, root=root)
     name = rcfg.model_name
     current = tracking.get_alias(tcfg, name, CHAMPION, root=root)
     if current is None:
-        raise RegistryError(f"no {name}@{CHAMPION} in {tcfg.uri}: nothing to roll back")
+        raise RegistryError(f"no {name}@{CHAMPION} in {tracking.redact(tcfg.uri)}: nothing to "
+                            "roll back")
     previous = tracking.version_tags(tcfg, name, current, root=root).get(PREVIOUS_TAG, "")
     if not previous:
         raise RegistryError(f"{name} version {current} was the first champion: there is no "

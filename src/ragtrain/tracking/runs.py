@@ -1,4 +1,5 @@
-"""MLflow runs: a RunHandle that logs by run id, ``run()`` to open one, MLflow's name rules."""
+"""MLflow runs: a RunHandle that logs by run id, ``run()`` to open one, MLflow's name rules, and
+the redaction of secrets from everything a run records."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import logging
 import math
 import numbers
+import os
 import posixpath
 import re
 import time
@@ -57,6 +59,63 @@ def check_name(key: str, kind: str = "metric") -> str:
     return key
 
 
+# --------------------------------------------------------------------------- secrets
+
+MASK = "***"
+# A key (params key, tag, environment variable) that names a secret: a word of it is one of these
+# (not "pwd": $PWD is the working folder).
+_SECRET_KEY = re.compile(r"(?:^|[._\-/])(?:password|passwd|secret|token|apikey|api[_-]key|"
+                         r"access[_-]key|private[_-]key|credentials?|auth[_-]string|"
+                         r"connection[_-]string)(?:$|[._\-/])", re.IGNORECASE)
+# scheme://user:password@host (the password may hold '@'; the host part ends at '/')
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.\-]*://[^:/@\s]*):[^/\s]*@")
+# scheme://<long token, no colon>@host (a token given as the user name, as git URLs do)
+_URL_TOKEN = re.compile(r"([A-Za-z][\w+.\-]*://)[^:/@\s]{16,}@")
+_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|token|access_token|api_key|apikey|"
+                           r"secret|sig|signature|x-amz-signature|x-amz-credential)=)[^&#\s]+",
+                           re.IGNORECASE)
+_MIN_ENV_SECRET = 6  # shorter values of secret-named variables ("true", "1") are not masked
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a key names a secret (``MLFLOW_TRACKING_PASSWORD``, ``hf_token``, ``api-key``)."""
+    return bool(_SECRET_KEY.search(key))
+
+
+def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of the secret-named environment variables, longest first."""
+    env = os.environ if environ is None else environ
+    return sorted({v for k, v in env.items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET},
+                  key=len, reverse=True)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with passwords in URIs, secret query parameters and the values of secret-named
+    environment variables replaced by ``***``."""
+    for value in secret_env_values(environ):
+        text = text.replace(value, MASK)
+    text = _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+    text = _URL_TOKEN.sub(rf"\1{MASK}@", text)
+    return _QUERY_SECRET.sub(rf"\1{MASK}", text)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """A value to record under ``key``: masked whole when the key names a secret, strings
+    redacted, containers redacted item by item; other values as they are."""
+    if is_secret_key(str(key)) and value not in (None, ""):
+        return MASK
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_value(str(key), v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- names and values
+
+
 def truncate_value(value: Any, limit: int, key: str, kind: str) -> str:
     """``str(value)``, cut to ``limit`` characters with a warning naming ``key``."""
     s = str(value)
@@ -67,8 +126,9 @@ def truncate_value(value: Any, limit: int, key: str, kind: str) -> str:
 
 
 def checked_items(items: Mapping[Any, Any], kind: str, limit: int) -> list[tuple[str, str]]:
-    """(name, value) pairs MLflow accepts: names checked, values stringified and truncated."""
-    return [(check_name(str(k), kind), truncate_value(v, limit, str(k), kind))
+    """(name, value) pairs MLflow accepts: names checked, secrets redacted, values stringified
+    and truncated."""
+    return [(check_name(str(k), kind), truncate_value(redact_value(str(k), v), limit, str(k), kind))
             for k, v in items.items()]
 
 
@@ -138,7 +198,7 @@ class RunHandle:
 
     def log_dict(self, d: Mapping[str, Any] | list[Any], file_name: str) -> None:
         """Write ``d`` as a JSON (or .yaml/.yml) artifact named ``file_name``."""
-        data = dict(d) if isinstance(d, Mapping) else list(d)
+        data = redact_value("", dict(d) if isinstance(d, Mapping) else list(d))
         with mlflow_errors(f"run {self.run_id}: log_dict {file_name}"):
             self._client.log_dict(self.run_id, data, file_name)
 
@@ -187,7 +247,7 @@ def _experiment_id(mc: MlflowClient, name: str, uri: str) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"tracking.experiment: {name!r} is deleted in {uri}; restore it "
+            f"tracking.experiment: {name!r} is deleted in {redact(uri)}; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) "
             "or choose another name"
         )
@@ -227,7 +287,7 @@ def run(
     if sys.argv and sys.argv[0]:
         run_tags["mlflow.source.name"] = Path(sys.argv[0]).name
     run_tags.update(checked_items(tags or {}, "tag", MAX_TAG_LEN))
-    with mlflow_errors(f"tracking ({uri}, experiment {cfg.experiment!r})"):
+    with mlflow_errors(f"tracking ({redact(uri)}, experiment {cfg.experiment!r})"):
         exp_id = _experiment_id(mc, cfg.experiment, uri)
         if parent_run_id is not None:
             from mlflow.exceptions import MlflowException
@@ -236,7 +296,7 @@ def run(
                 mc.get_run(parent_run_id)
             except MlflowException:
                 raise TrackingError(
-                    f"parent run {parent_run_id!r} does not exist in {uri}"
+                    f"parent run {parent_run_id!r} does not exist in {redact(uri)}"
                 ) from None
             run_tags[PARENT_RUN_TAG] = parent_run_id
         created = mc.create_run(exp_id, tags=run_tags, run_name=name)

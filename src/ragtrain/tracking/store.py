@@ -167,4 +167,23 @@ def mlflow_errors(what: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as e:
-        raise TrackingError(f"{what}: {e.message}") from e
+        raise TrackingError(f"{what}: {explain(e)}") from e
+
+
+def explain(e: Exception) -> str:
+    """An MLflow error's message; a refusal of an authenticating server (HTTP 401 / 403) says
+    which credentials ragtrain sent and how to send others."""
+    code = str(getattr(e, "error_code", ""))
+    message = str(getattr(e, "message", e))
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED") or "error code 401" in message:
+        return ("not authenticated: the MLflow server requires a login"
+                + (f" and refused user {user!r}" if user else " and none was given")
+                + "; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (see "
+                "docs/security.md)")
+    if code == "PERMISSION_DENIED" or "error code 403" in message:
+        return (f"permission denied to {'user ' + repr(user) if user else 'an anonymous user'}"
+                " by the MLflow server: this needs EDIT (or MANAGE) permission on the model or "
+                "experiment; ask an MLflow admin to grant it, or set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD to an account that has it (see docs/security.md)")
+    return message
