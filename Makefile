@@ -21,10 +21,13 @@ export DO_NOT_TRACK := true
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+# the work pool prefect.yaml deploys to (`prefect deploy --all` ignores --pool)
+PREFECT_POOL := ragtrain-process
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lint dvc-yaml clean-venv mlflow-ui ui ui-stop report
+.PHONY: venv demo test test-fast lint dvc-yaml clean-venv mlflow-ui ui ui-stop report \
+  deploy-flows worker
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +91,22 @@ ui-stop:
 	  pid=$$(cat $$f); kill -TERM $$pid 2>/dev/null; \
 	  for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
 	  kill -KILL $$pid 2>/dev/null; rm -f $$f; echo "stopped $$name ($$pid)"; done
+
+# The deployments of prefect.yaml on the process work pool $(PREFECT_POOL), on the server of
+# `make ui` (created when missing; deploying again updates them). docs/prefect-workers.md
+deploy-flows: venv
+	@$(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_API)/health', timeout=2)" \
+	  2>/dev/null || { echo "no Prefect server at $(PREFECT_API): run make ui first"; exit 1; }
+	export PREFECT_API_URL=$(PREFECT_API); \
+	  { prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 \
+	    || prefect work-pool create $(PREFECT_POOL) --type process; } \
+	  && prefect deploy --all --no-prompt
+
+# A worker on $(PREFECT_POOL), in the foreground (Ctrl-C stops it): it runs the flow runs of
+# the deployments above, e.g. `prefect deployment run 'rag-train-eval/train-eval-worker'` or
+# the UI's Run button, each in a new process in this checkout.
+worker: deploy-flows
+	PREFECT_API_URL=$(PREFECT_API) prefect worker start --pool $(PREFECT_POOL)
 
 # The run report of the current outputs (the pipeline's last stage draws it too): one
 # self-contained page, also the offline view of the DVC plots (`dvc plots show` needs a CDN).

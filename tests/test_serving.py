@@ -5,6 +5,7 @@ generator, 5 passages) registered, promoted, loaded by a fresh process from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,12 +119,17 @@ def test_a_fresh_process_loads_the_champion(champion: tuple[Path, str]) -> None:
 def test_mlflow_models_serve_answers_over_http(champion: tuple[Path, str],
                                                tmp_path: Path) -> None:
     _, uri = champion
+    serve_champion(uri, tmp_path / "serve.log")
+
+
+def serve_champion(uri: str, log_path: Path, name: str = "ragtrain-rag") -> None:
+    """`mlflow models serve` of ``models:/<name>@champion`` from ``uri`` answers over HTTP."""
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
+    log = open(log_path, "w")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m",
-                               "models:/ragtrain-rag@champion", "--env-manager", "local",
+                               f"models:/{name}@champion", "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
@@ -145,24 +151,37 @@ def test_mlflow_models_serve_answers_over_http(champion: tuple[Path, str],
         log.close()
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def start_mlflow_server(backend_uri: str, artifacts: Path, log_path: Path,
+                        timeout_s: float = 120) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port over ``backend_uri`` (artifacts proxied
+    to ``artifacts``); yields its URL once /health answers, stops it on exit."""
     port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
+    log = open(log_path, "w")
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+         "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)],
         stdout=log, stderr=log,
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120,
-             "mlflow server")
+        wait(lambda: server.poll() is not None
+             or urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
+             timeout_s, "mlflow server")
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow server exited with code {server.returncode}:\n"
+                                 f"{log_path.read_text()[-3000:]}")
         yield url
     finally:
         stop(server)
         log.close()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    with start_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server-artifacts",
+                             tmp_path / "mlflow-server.log") as url:
+        yield url
 
 
 def test_a_tracking_server_works_the_same(project: Path, mlflow_server: str,
