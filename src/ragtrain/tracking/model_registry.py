@@ -5,7 +5,9 @@ The orchestration (register a RAG model, promote, roll back) is ``tracking.regis
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,3 +171,72 @@ def log_rag_model(run: RunHandle, bundle: Path, example_questions: Sequence[str]
                                               **kwargs)
         run.log_artifact(out, artifact_path)
     return artifact_path
+
+
+LOCK_SUFFIX = ".promotion-lock"  # a registered model that exists while its holder moves aliases
+
+
+@contextlib.contextmanager
+def registry_lock(cfg: TrackingConfig, name: str, *, root: Path = Path("."),
+                  wait_s: float = 60.0, stale_after_s: float = 600.0) -> Iterator[None]:
+    """Hold ``name``'s promotion lock: one promote or rollback at a time, across machines.
+
+    The lock is the registered model ``<name>.promotion-lock``: creating a registered model is
+    atomic in MLflow's store (a unique name, in sqlite or a server's database), so of two
+    callers exactly one creates it; the other waits (up to ``wait_s``) and then refuses, naming
+    the holder. A lock older than ``stale_after_s`` (its holder crashed) is broken.
+    """
+    import os
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    from ragtrain.errors import RegistryError
+
+    lock, mc = f"{name}{LOCK_SUFFIX}", client(cfg.uri, root)
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        with mlflow_errors(f"lock {name} for promotion"):
+            held = _try_lock(mc, lock, owner)
+        if held is None:
+            break  # ours
+        if not held:
+            continue  # released between our two calls: try again
+        since = float(held.get("since", "0") or 0)
+        if time.time() - since > stale_after_s:
+            with contextlib.suppress(MlflowException):
+                mc.delete_registered_model(lock)  # its holder died: break it
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"{name}: another promotion or rollback holds the registry lock "
+                f"({held.get('owner', '?')}, for {time.time() - since:.0f} s); try again when "
+                f"it ends (a crashed holder's lock is broken after {stale_after_s:.0f} s, or "
+                f"delete the registered model {lock!r})")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            mc.delete_registered_model(lock)
+
+
+def _try_lock(mc: Any, lock: str, owner: str) -> dict[str, str] | None:
+    """None: created (the lock is ours); else the holder's tags ({} if it just vanished)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mc.create_registered_model(lock, tags={"owner": owner, "since": f"{time.time():.3f}"},
+                                   description="ragtrain: a promotion or rollback of this "
+                                   "model is in progress")
+        return None
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    try:
+        return dict(mc.get_registered_model(lock).tags)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return {}
+        raise

@@ -277,9 +277,17 @@ def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."
 
     Refused (``Promotion.promoted`` false): a metric not better by more than
     ``registry.min_gain``, a first model below ``registry.floor``, evaluation sets that differ,
-    an index built by another encoder than the retriever's.
+    an index built by another encoder than the retriever's. Under the model's registry lock:
+    two promotions (or a rollback) at once run one after the other, each judging the champion
+    the other left, so the aliases of the RAG model and its parts always agree.
     """
     tracking.check_store(tcfg.uri, root=root)  # an unreachable server: fail now, not after retries
+    with tracking.registry_lock(tcfg, rcfg.model_name, root=root):
+        return _promote(rcfg, tcfg, root=root, version=version)
+
+
+def _promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path,
+             version: str | None) -> Promotion:
     name = rcfg.model_name
     challenger = version or tracking.get_alias(tcfg, name, CHALLENGER, root=root)
     if challenger is None:
@@ -331,8 +339,13 @@ class Rollback:
 
 def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
              root: Path = Path(".")) -> Rollback:
-    """Return ``champion`` to the version the current champion replaced."""
+    """Return ``champion`` to the version the current champion replaced (under the lock)."""
     tracking.check_store(tcfg.uri, root=root)
+    with tracking.registry_lock(tcfg, rcfg.model_name, root=root):
+        return _rollback(rcfg, tcfg, root=root)
+
+
+def _rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path) -> Rollback:
     name = rcfg.model_name
     current = tracking.get_alias(tcfg, name, CHAMPION, root=root)
     if current is None:
