@@ -282,6 +282,10 @@ def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."
     the other left, so the aliases of the RAG model and its parts always agree.
     """
     tracking.check_store(tcfg.uri, root=root)  # an unreachable server: fail now, not after retries
+    if version is not None:  # refusals that need no lock write nothing (not even the lock)
+        tracking.version_tags(tcfg, rcfg.model_name, version, root=root)
+    elif tracking.get_alias(tcfg, rcfg.model_name, CHALLENGER, root=root) is None:
+        return _promote(rcfg, tcfg, root=root, version=version)  # raises: nothing to promote
     with tracking.registry_lock(tcfg, rcfg.model_name, root=root):
         return _promote(rcfg, tcfg, root=root, version=version)
 
@@ -341,6 +345,8 @@ def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
              root: Path = Path(".")) -> Rollback:
     """Return ``champion`` to the version the current champion replaced (under the lock)."""
     tracking.check_store(tcfg.uri, root=root)
+    if tracking.get_alias(tcfg, rcfg.model_name, CHAMPION, root=root) is None:
+        return _rollback(rcfg, tcfg, root=root)  # raises: nothing to roll back (no lock taken)
     with tracking.registry_lock(tcfg, rcfg.model_name, root=root):
         return _rollback(rcfg, tcfg, root=root)
 
