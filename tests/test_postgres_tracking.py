@@ -22,14 +22,12 @@ import pytest
 from ragtrain import tracking
 from ragtrain.config import RegistryConfig, TrackingConfig
 from ragtrain.tracking import registry
-from tests.conftest import run_stages
 from tests.test_registry import alias, promote, register, tags
 from tests.test_serving import (
-    STAGES,
     check_answers,
     copy_project,
     load_in_fresh_process,
-    params,
+    project,  # noqa: F401 (the fixture)
     ragtrain,
     serve_champion,
     start_mlflow_server,
@@ -176,17 +174,8 @@ def test_register_promote_rollback_on_postgres(pg_mlflow: tuple[str, str, Path],
     assert not (root / "mlruns").exists()
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
-    """A tiny project with its RAG bundle built (artifacts/rag); nothing registered yet."""
-    root = tmp_path_factory.mktemp("proj")
-    (root / "params.yaml").write_text(params(tiny_bert_dir, "sqlite:///mlruns/mlflow.db"))
-    run_stages(root, STAGES)
-    return root
-
-
 def test_cli_registers_promotes_and_serves_from_postgres(pg_mlflow: tuple[str, str, Path],
-                                                         project: Path, tmp_path: Path) -> None:
+                                                         project: Path, tmp_path: Path) -> None:  # noqa: F811
     url, db, _ = pg_mlflow
     proj = copy_project(project, tmp_path / "proj", url)  # tracking.uri: the server's URL
     r = ragtrain(proj, "register")

@@ -32,13 +32,7 @@ def prefect(cwd: Path, env: dict[str, str], *args: str) -> str:
 
 def stop_worker(p: subprocess.Popen) -> None:
     """A worker stops on SIGINT (SIGTERM is not prompt); killed if it lingers."""
-    if p.poll() is None:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop(p, signal.SIGINT, 20)
 
 
 def kill_flow_runs(url: str) -> None:

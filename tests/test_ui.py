@@ -51,11 +51,12 @@ def wait(cond, timeout: float, what: str) -> object:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def stop(p: subprocess.Popen) -> None:
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 15) -> None:
+    """Stop ``p`` with ``sig``; killed if it lingers past ``wait_s``."""
     if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         try:
-            p.wait(15)
+            p.wait(wait_s)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
