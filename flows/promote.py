@@ -1,6 +1,6 @@
 """Prefect flows over the model registry: `promote` (challenger -> champion, by the registry
 rule) and `evaluate-champion` (re-score the champion on a question file). Both call the same
-code as `ragtrain promote` / `ragtrain evaluate-champion` (ragtrain.tracking.registry).
+code as `ragtrain promote` / `ragtrain evaluate-champion` (ragtrain.tracking.registry, .rescore).
 
     python flows/promote.py                     # one local promotion
 """
@@ -21,6 +21,7 @@ from ragtrain.config import load_config  # noqa: E402
 from ragtrain.errors import RegistryError  # noqa: E402
 from ragtrain.pipeline.paths import Paths  # noqa: E402
 from ragtrain.tracking import registry  # noqa: E402
+from ragtrain.tracking.rescore import evaluate_version  # noqa: E402
 
 
 def _value(v: float | None) -> str:
@@ -73,8 +74,8 @@ def evaluate_champion(params_path: str = "params.yaml",
     params = Path(params_path).resolve()
     cfg = load_config(params)
     q = Path(questions) if Path(questions).is_absolute() else params.parent / questions
-    version, metrics = registry.evaluate_version(cfg.registry, cfg.tracking, q,
-                                                 root=params.parent, split=split, record=record)
+    version, metrics = evaluate_version(cfg.registry, cfg.tracking, q, root=params.parent,
+                                        split=split, record=record)
     create_markdown_artifact(
         markdown=f"### {cfg.registry.model_name} version {version} (champion) on `{q.name}`\n\n"
                  + metrics_table(metrics), key="champion-metrics",

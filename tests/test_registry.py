@@ -197,6 +197,41 @@ def test_rollback_returns_to_the_previous_champion(store, rcfg, tmp_path: Path) 
         registry.promote(rcfg, tcfg, root=root, version="1")
 
 
+def test_promote_again_finishes_an_interrupted_promotion(store, rcfg, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promotion that died after moving the RAG model's @champion (before its components'
+    and before removing @challenger) is finished by the next promote; a whole one is not redone."""
+    name = rcfg.model_name
+    register(store, rcfg, tmp_path, 40.0)
+    promote(store, rcfg)
+    register(store, rcfg, tmp_path, 50.0)
+    real, calls = tracking.set_alias, []
+
+    def dies_after_the_first(*a, **k) -> None:
+        calls.append(a)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # what a kill between the two alias moves leaves
+        real(*a, **k)
+
+    monkeypatch.setattr(tracking, "set_alias", dies_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        promote(store, rcfg)
+    monkeypatch.setattr(tracking, "set_alias", real)
+    assert alias(store, name, "champion") == "2" and alias(store, name, "challenger") == "2"
+    assert alias(store, f"{name}-retriever", "champion") == "1"  # left behind by the kill
+
+    p = promote(store, rcfg)
+    assert p.promoted and "finished the interrupted promotion of version 2" in p.decision.reason
+    assert (p.challenger, p.champion) == ("2", "1")  # the champion it replaced, for rollback
+    for n in (name, f"{name}-retriever", f"{name}-generator"):
+        assert alias(store, n, "champion") == "2" and alias(store, n, "challenger") is None
+    with pytest.raises(RegistryError, match="nothing to promote|no .*@challenger"):
+        promote(store, rcfg)  # finished: nothing left to do
+    tcfg, root = store
+    with pytest.raises(RegistryError, match="version 2 is already the champion"):
+        registry.promote(rcfg, tcfg, root=root, version="2")
+
+
 def test_failed_registration_leaves_no_version(store, rcfg, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     tcfg, root = store

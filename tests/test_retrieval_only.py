@@ -379,4 +379,6 @@ def test_registry_promotes_a_retriever_model_on_the_retrieval_metric(tmp_path: P
     q = tmp_path / "qa.jsonl"
     q.write_text('{"question": "q?", "answers": ["a"]}\n')
     with pytest.raises(RegistryError, match="is a retriever model .*no answers to score"):
-        registry.evaluate_version(rcfg, tcfg, q, root=tmp_path)
+        from ragtrain.tracking.rescore import evaluate_version
+
+        evaluate_version(rcfg, tcfg, q, root=tmp_path)

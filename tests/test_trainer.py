@@ -31,7 +31,8 @@ def _problem() -> tuple[torch.Tensor, torch.Tensor]:
     return x, x @ torch.randn(8, 1, generator=g)
 
 
-def _run(ckpt: Path, steps: int, crash_after: int | None = None) -> tuple[torch.nn.Module, list]:
+def _run(ckpt: Path, steps: int, crash_after: int | None = None, state: list | None = None
+         ) -> tuple[torch.nn.Module, list]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     x, y = _problem()
@@ -47,8 +48,10 @@ def _run(ckpt: Path, steps: int, crash_after: int | None = None) -> tuple[torch.
 
     loop = LoopConfig(total_steps=steps, lr=0.05, warmup_ratio=0.0, checkpoint_every=2,
                       progress=False, fp16=True)
-    train_loop(model, loss_fn, loop, ckpt_dir=ckpt, signature="t", resume=True,
-               on_step=lambda s, d: losses.append(d["train/loss"]))
+    end = train_loop(model, loss_fn, loop, ckpt_dir=ckpt, signature="t", resume=True,
+                     on_step=lambda s, d: losses.append(d["train/loss"]))
+    if state is not None:
+        state.append(end)
     return model, losses
 
 
@@ -62,3 +65,17 @@ def test_fp16_training_scales_the_loss_and_resumes_exactly(tmp_path: Path) -> No
     resumed, _ = _run(tmp_path / "b", 12)
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_resumed_run_keeps_the_whole_per_step_log(tmp_path: Path) -> None:
+    """The loss curve of a run killed at step 8 and resumed from its step-6 checkpoint is the
+    uninterrupted run's, steps 1-12 (the checkpoint carries the per-step log)."""
+    full: list = []
+    _run(tmp_path / "a", 12, state=full)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", 12, crash_after=7)
+    resumed: list = []
+    _, after_resume = _run(tmp_path / "b", 12, state=resumed)
+    assert len(after_resume) == 6  # steps 7-12 were trained (and reported) again
+    assert [h["step"] for h in resumed[0].steps] == list(range(1, 13))
+    assert resumed[0].steps == full[0].steps

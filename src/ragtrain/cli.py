@@ -169,11 +169,10 @@ def _cmd_rollback(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate_champion(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
-    from ragtrain.tracking import registry
+    from ragtrain.tracking.rescore import evaluate_version
 
-    version, m = registry.evaluate_version(cfg.registry, cfg.tracking, args.questions,
-                                           root=paths.root, split=args.split,
-                                           record=args.record)
+    version, m = evaluate_version(cfg.registry, cfg.tracking, args.questions, root=paths.root,
+                                  split=args.split, record=args.record)
     print(f"{cfg.registry.model_name} version {version} (champion) on {args.questions}: "
           + ", ".join(f"{k}={v:.4g}" for k, v in m.items())
           + (" (recorded on the version)" if args.record else ""))

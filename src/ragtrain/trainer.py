@@ -61,7 +61,9 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # dev evaluations
+    # every step's loss and lr, checkpointed with the rest so a resumed run's curve is whole
+    steps: list[dict[str, float]] = field(default_factory=list)
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
@@ -236,6 +238,8 @@ def train_loop(
         state.step += 1
         logs = {"train/loss": total / max(1, count), "train/lr": sched.get_last_lr()[0],
                 "train/grad_norm": float(grad_norm)}
+        state.steps.append({"step": state.step, "loss": logs["train/loss"],
+                            "lr": logs["train/lr"]})
         if on_step:
             on_step(state.step, logs)
         bar.update(1)

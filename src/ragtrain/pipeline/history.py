@@ -15,16 +15,15 @@ OnStep = Callable[[int, Mapping[str, float]], None]  # a trainer's per-step call
 
 
 class TrainingRecord:
-    """The ``on_step`` callback of a trainer: keeps every step's logs and forwards them (to
-    MLflow when the stage is tracked); ``finish`` writes the stage's metrics and plot files."""
+    """The ``on_step`` callback of a trainer: forwards every step's logs (to MLflow when the
+    stage is tracked); ``finish`` writes the stage's metrics and plot files from the trainer's
+    state, whose per-step log a checkpoint carries (a resumed run's curve starts at step 1)."""
 
     def __init__(self, on_step: OnStep | None = None) -> None:
-        self.history: list[dict[str, float]] = []
         self._forward = on_step
         self._t0 = time.perf_counter()
 
     def __call__(self, step: int, logs: Mapping[str, float]) -> None:
-        self.history.append({"step": step, **logs})
         if self._forward:
             self._forward(step, logs)
 
@@ -45,7 +44,5 @@ class TrainingRecord:
         # DVC plots the loss column)
         dev = {h["step"]: {k: v for k, v in h.items() if k.startswith("dev/")}
                for h in state.history}
-        atomic_write_json(plot_file, [{"step": h["step"], "loss": h["train/loss"],
-                                       "lr": h["train/lr"], **dev.get(h["step"], {})}
-                                      for h in self.history if "train/loss" in h])
+        atomic_write_json(plot_file, [{**h, **dev.get(h["step"], {})} for h in state.steps])
         return metrics

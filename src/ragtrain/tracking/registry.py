@@ -270,6 +270,37 @@ def _set_champion(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str,
                                tags[_version_tag(c)], root=root)
 
 
+def _crown(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str, tags: Mapping[str, str],
+           root: Path) -> None:
+    """A promotion's alias moves: every ``champion`` to ``version``'s, then its ``challenger``
+    aliases (if they still name it) removed. Idempotent, so a rerun finishes a killed one."""
+    name = rcfg.model_name
+    _set_champion(rcfg, tcfg, version, tags, root)
+    if tracking.get_alias(tcfg, name, CHALLENGER, root=root) == version:
+        for c in COMPONENTS:
+            part = component_name(name, c)
+            if tags.get(_version_tag(c)) and tracking.get_alias(
+                    tcfg, part, CHALLENGER, root=root) == tags[_version_tag(c)]:
+                tracking.delete_alias(tcfg, part, CHALLENGER, root=root)
+        tracking.delete_alias(tcfg, name, CHALLENGER, root=root)  # last: marks it finished
+
+
+def _interrupted(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str, tags: Mapping[str, str],
+                 root: Path) -> bool:
+    """``version`` (the champion) was promoted, but the promotion died before its component
+    aliases or its ``challenger`` removal: the RAG model's alias moves first and ``challenger``
+    goes last, so either one left behind says so."""
+    if tags.get(f"{DECISION_TAG}decision") != "promoted" or \
+            tags.get(f"{DECISION_TAG}challenger") != version:
+        return False
+    name = rcfg.model_name
+    if tracking.get_alias(tcfg, name, CHALLENGER, root=root) == version:
+        return True
+    return any(tags.get(_version_tag(c)) and tracking.get_alias(
+        tcfg, component_name(name, c), CHAMPION, root=root) != tags[_version_tag(c)]
+        for c in COMPONENTS)
+
+
 def promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path = Path("."),
             version: str | None = None) -> Promotion:
     """Judge the challenger (or ``version``) against the champion and move ``champion`` if it
@@ -298,9 +329,16 @@ def _promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path,
         raise RegistryError(f"no {name}@{CHALLENGER} to promote in {tracking.redact(tcfg.uri)}: "
                             "register a model first (ragtrain register, or run the pipeline)")
     champion = tracking.get_alias(tcfg, name, CHAMPION, root=root)
-    if champion == challenger:
-        raise RegistryError(f"{name} version {challenger} is already the champion")
     ch_tags = tracking.version_tags(tcfg, name, challenger, root=root)
+    if champion == challenger:
+        if not _interrupted(rcfg, tcfg, challenger, ch_tags, root):
+            raise RegistryError(f"{name} version {challenger} is already the champion")
+        _crown(rcfg, tcfg, challenger, ch_tags, root)  # finish what a killed promote began
+        before = ch_tags.get(PREVIOUS_TAG) or None
+        return Promotion(name, ch_tags.get(f"{DECISION_TAG}metric", ""), challenger, before,
+                         None, None, Decision(True, "finished the interrupted promotion of "
+                                              f"version {challenger}: " + ch_tags.get(
+                                                  f"{DECISION_TAG}reason", "")))
     champ_tags = (tracking.version_tags(tcfg, name, champion, root=root)
                   if champion is not None else None)
     m, floor = judged_on(rcfg, ch_tags.get(KIND_TAG, "rag"))
@@ -322,12 +360,7 @@ def _promote(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path,
         tracking.tag_version(tcfg, name, champion, tags, root=root)
     if result.promoted:
         tracking.tag_version(tcfg, name, challenger, {PREVIOUS_TAG: champion or ""}, root=root)
-        _set_champion(rcfg, tcfg, challenger, ch_tags, root)
-        if tracking.get_alias(tcfg, name, CHALLENGER, root=root) == challenger:
-            tracking.delete_alias(tcfg, name, CHALLENGER, root=root)
-            for c in COMPONENTS:
-                if ch_tags.get(_version_tag(c)):
-                    tracking.delete_alias(tcfg, component_name(name, c), CHALLENGER, root=root)
+        _crown(rcfg, tcfg, challenger, ch_tags, root)
     return result
 
 
@@ -367,43 +400,6 @@ def _rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path) -> Roll
                          {ROLLED_BACK_TAG: f"replaced by version {previous} at {_now()}"},
                          root=root)
     return Rollback(name, current, previous)
-
-
-# --------------------------------------------------------------------------- re-score
-
-
-def evaluate_version(rcfg: RegistryConfig, tcfg: TrackingConfig, questions: Path, *,
-                     root: Path = Path("."), alias: str = CHAMPION, split: str = "test",
-                     record: bool = True) -> tuple[str, dict[str, float]]:
-    """Re-score ``name@alias`` on a question file with the evaluate stage's metric code
-    (``evaluation.score_answers``): ``{split}/em``, ``/f1``, ``/accuracy`` (percent) and
-    ``/n_questions``. ``record``: the metrics and the file's sha256 replace the version's
-    recorded ones, so a challenger evaluated on that file can be compared with it."""
-    import tempfile
-
-    from ragtrain.data.questions import read_questions
-    from ragtrain.evaluation.answers import score_answers
-    from ragtrain.io import sha256_file
-
-    rows = read_questions(questions, need_answers=True)
-    version = tracking.get_alias(tcfg, rcfg.model_name, alias, root=root)
-    if version is not None and tracking.version_tags(
-            tcfg, rcfg.model_name, version, root=root).get(KIND_TAG) == "retriever":
-        raise RegistryError(f"{rcfg.model_name}@{alias} (version {version}) is a retriever "
-                            "model (no generator): it has no answers to score")
-    with tempfile.TemporaryDirectory() as tmp:
-        version, model = tracking.load_rag_model(tcfg, rcfg.model_name, alias, Path(tmp),
-                                                 root=root)
-        answers = model.answer([r["question"] for r in rows])
-    scores = score_answers([a["answer"] for a in answers], [r["answers"] for r in rows])
-    metrics = {f"{split}/{k}": round(v, 4) for k, v in scores.items()}
-    metrics[f"{split}/n_questions"] = float(len(rows))
-    if record:
-        tracking.tag_version(tcfg, rcfg.model_name, version, {
-            **{f"{METRIC_TAG}{k}": repr(v) for k, v in metrics.items()},
-            EVAL_SET_TAG: sha256_file(Path(questions)),
-            "ragtrain.rescored": f"{Path(questions).name} at {_now()}"}, root=root)
-    return version, metrics
 
 
 # --------------------------------------------------------------------------- champion
