@@ -46,14 +46,19 @@ demo: venv
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
 	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui; report: reports/report.html; promote the new @challenger: ragtrain promote"
 
-# The whole test suite, slow integration tests included (what CI runs).
+# The whole test suite, slow integration tests included (what CI runs). pytest-xdist runs
+# TEST_WORKERS test modules at a time (a module's tests and its module-scoped fixtures stay in
+# one worker): most slow tests are one-core chains of subprocesses and server starts, so two
+# workers fit 2 cores. TEST_WORKERS=0: one process, in file order.
+TEST_WORKERS ?= 2
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
-	  $(BIN)/python -m pytest -q
+	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Everything but the slow integration tests.
 test-fast: venv
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" \
+	  -n $(TEST_WORKERS) --dist loadfile
 
 # The MLflow UI for the project's store (sqlite under mlruns/) on http://127.0.0.1:$(MLFLOW_PORT)
 mlflow-ui: venv

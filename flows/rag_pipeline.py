@@ -7,6 +7,7 @@ Parameter overrides are written into `params.yaml` first (validated, comments ke
 
     python flows/rag_pipeline.py                       # one local run
     python -c "from flows.rag_pipeline import rag_pipeline; rag_pipeline(overrides={...})"
+    python -c "...; rag_pipeline(until='eval_retriever')"   # the retriever half only
 """
 
 from __future__ import annotations
@@ -54,17 +55,18 @@ def push_data(root: str, env: dict[str, str]) -> None:
 
 @flow(name="rag-train-eval", log_prints=True)
 def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
-                 push: bool = True, promote: bool = False) -> dict[str, float]:
+                 push: bool = True, promote: bool = False, until: str = "") -> dict[str, float]:
     """Train and evaluate the RAG pipeline: the `dvc.yaml` stages in order (the last registers
     the RAG model as challenger), then `dvc push`; `promote`: then the registry's promotion
-    rule (a refusal is reported, not a failure of the run)."""
+    rule (a refusal is reported, not a failure of the run). `until`: only that stage and the
+    stages it depends on, as `dvc repro STAGE` does (e.g. "eval_retriever"); empty: all."""
     params = Path(params_path).resolve()
     root = params.parent
     paths = Paths(root)
     if overrides:
         set_params(params, overrides)  # params.yaml stays the record of what ran
     cfg = load_config(params)
-    order = orchestration.dag_order(root)
+    order = orchestration.stages_up_to(root, until) if until else orchestration.dag_order(root)
     with orchestration.pipeline_run(cfg, paths) as (run, env):
         outcome = {s: repro_stage(s, str(root), env) for s in order}
         if push:

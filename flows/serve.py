@@ -29,9 +29,10 @@ def deployments() -> list:
         rag_pipeline.to_deployment(
             name="train-eval",
             parameters={"params_path": str(ROOT / "params.yaml"), "overrides": {},
-                        "push": True, "promote": False},
+                        "push": True, "promote": False, "until": ""},
             description="Train and evaluate the RAG pipeline (the dvc.yaml stages, through "
-                        "DVC). overrides: params.yaml keys, e.g. {\"retriever.lr\": 1.0e-4}.",
+                        "DVC). overrides: params.yaml keys, e.g. {\"retriever.lr\": 1.0e-4}; "
+                        "until: the stage to stop after (with what it needs), empty: all.",
             tags=["ragtrain"],
         ),
         promote.to_deployment(

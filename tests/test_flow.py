@@ -37,6 +37,22 @@ def test_dag_order_follows_dvc_yaml() -> None:
     assert len(order) == len(set(order))
 
 
+def test_stages_up_to_a_stage_are_what_dvc_repro_of_it_runs() -> None:
+    order = orchestration.dag_order(REPO)
+    assert orchestration.stages_up_to(REPO, "fetch") == ["fetch"]
+    assert orchestration.stages_up_to(REPO, "build_bm25") == ["fetch", "prepare", "build_bm25"]
+    upto = orchestration.stages_up_to(REPO, "eval_retriever")
+    assert upto == [s for s in order if s in upto]  # in DAG order
+    assert {"train_retriever", "build_index", "build_bm25"} <= set(upto)
+    assert not {"retrieve", "train_generator", "register", "report"} & set(upto)
+    for stage in order:  # each ends with itself and holds what the stages before it need
+        upto = orchestration.stages_up_to(REPO, stage)
+        assert upto[-1] == stage
+        assert all(set(orchestration.stages_up_to(REPO, s)) <= set(upto) for s in upto)
+    with pytest.raises(RagtrainError, match="no stage 'train'; the stages: fetch, prepare"):
+        orchestration.stages_up_to(REPO, "train")
+
+
 def test_workspace_lock_refuses_a_second_run(tmp_path: Path) -> None:
     with orchestration.workspace_lock(tmp_path):
         with pytest.raises(RagtrainError, match="workspace busy: a pipeline run \\(pid"):

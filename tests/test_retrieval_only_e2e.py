@@ -1,7 +1,7 @@
 """A BEIR folder (no answer strings) end to end, for real: `dvc repro` of the whole DAG ends
-green with the generator stages skipped by their markers, the Prefect flow over the same
-workspace completes and promotes the registered retriever model, and `mlflow models serve`
-answers with ranked passages and scores."""
+green with the generator stages skipped by their markers, the promote flow (Prefect) promotes
+the registered retriever model on the retrieval metric, and `mlflow models serve` answers with
+ranked passages and scores."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def beir_overrides(source: Path, bert: Path) -> dict:
 def test_beir_dvc_repro_flow_register_promote_serve(prefect_server: None,  # noqa: F811
                                                     tmp_path: Path,
                                                     tiny_bert_dir: Path) -> None:
-    from flows.rag_pipeline import rag_pipeline
+    from flows.promote import promote
     from mlflow.tracking import MlflowClient
 
     proj = copy_repo(tmp_path / "proj")
@@ -57,10 +57,11 @@ def test_beir_dvc_repro_flow_register_promote_serve(prefect_server: None,  # noq
     assert reg["registered"] and reg["kind"] == "retriever" and "generator_version" not in reg
     assert "Data and pipelines are up to date" in sh(proj, "dvc", "status")
 
-    # 2. the Prefect flow over the same workspace: DVC's lock says nothing to rerun; it ends
-    #    green and promotes the registered retriever on registry.retrieval_metric
-    metrics = rag_pipeline(params_path=str(proj / "params.yaml"), promote=True)
-    assert metrics["generator/enabled"] == 0 and "test/ndcg_at_3" in metrics
+    # 2. the promote flow promotes the registered retriever on registry.retrieval_metric (the
+    #    train-eval flow over a reproduced workspace, nothing rerun, is tests/test_flow.py's)
+    out = promote(params_path=str(proj / "params.yaml"))
+    assert out["champion"] == "1" and "test/ndcg_at_3" in out["reason"]
+    metrics = json.loads((proj / "metrics/retriever.json").read_text())
     uri = f"sqlite:///{proj}/mlruns/mlflow.db"
     mc = MlflowClient(uri, registry_uri=uri)
     mv = mc.get_model_version_by_alias("ragtrain-rag", "champion")

@@ -89,6 +89,24 @@ def run_pipeline(cfg: Config, paths: Paths, dvc_args: list[str] | None = None) -
 def dag_order(root: Path) -> list[str]:
     """The stages of dvc.yaml in dependency order (an out feeding a dep comes first): the one
     DAG, read from the file DVC runs, so the Prefect flow cannot drift from `dvc repro`."""
+    return _dag(root)[0]
+
+
+def stages_up_to(root: Path, stage: str) -> list[str]:
+    """``stage`` and every stage it depends on, in DAG order: what `dvc repro STAGE` runs."""
+    order, needs = _dag(root)
+    if stage not in needs:
+        raise RagtrainError(f"dvc.yaml: no stage {stage!r}; the stages: {', '.join(order)}")
+    wanted, todo = {stage}, [stage]
+    while todo:
+        for up in needs[todo.pop()] - wanted:
+            wanted.add(up)
+            todo.append(up)
+    return [s for s in order if s in wanted]
+
+
+def _dag(root: Path) -> tuple[list[str], dict[str, set[str]]]:
+    """(the stages in dependency order, each stage's direct upstream stages) of dvc.yaml."""
     import yaml
 
     spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
@@ -110,4 +128,4 @@ def dag_order(root: Path) -> list[str]:
         if not ready:
             raise RagtrainError("dvc.yaml: the stages form a cycle")
         order.append(ready[0])
-    return order
+    return order, needs
