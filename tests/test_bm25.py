@@ -59,6 +59,28 @@ def test_deterministic(retriever: BM25Retriever) -> None:
     assert a[1] == b[1]
 
 
+def test_saved_bytes_do_not_depend_on_the_process_hash_seed(tmp_path: Path) -> None:
+    """Two processes with different string hashing save byte-identical files (DVC hashes them:
+    a rebuild with the same result must not rerun every stage downstream)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from ragtrain.retrieval.bm25 import "
+            "BM25Retriever; BM25Retriever.build(sys.argv[2:], [f'p{i}' for i in "
+            "range(len(sys.argv) - 2)]).save(Path(sys.argv[1]))")
+    texts = [*TEXTS, "Alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi."]
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"bm25_{seed}"
+        subprocess.run([sys.executable, "-c", code, str(out), *texts], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.append({str(f.relative_to(out)): hashlib.md5(f.read_bytes()).hexdigest()
+                        for f in sorted(out.rglob("*")) if f.is_file()})
+    assert len(digests[0]) >= 5 and digests[0] == digests[1]
+
+
 def test_save_load_round_trip(tmp_path: Path, retriever: BM25Retriever) -> None:
     retriever.save(tmp_path / "bm25")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bm25"]  # no temp leftovers

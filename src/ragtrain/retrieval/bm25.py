@@ -109,7 +109,11 @@ class BM25Retriever:
                 f"(2+ letters, not a stopword)"
             )
         model = bm25s.BM25(k1=k1, b=b, method="lucene", backend="numpy")
-        model.index(tokens, show_progress=False)
+        # the vocabulary in sorted order: bm25s would build it from a set, whose order follows
+        # Python's per-process string hashing, so the saved index's bytes (and DVC's hash of
+        # them) would change from run to run with the same scores
+        vocab = {t: i for i, t in enumerate(sorted({t for doc in tokens for t in doc}))}
+        model.index(([[vocab[t] for t in doc] for doc in tokens], vocab), show_progress=False)
         meta = {"n_passages": len(ids), "corpus_sha256": corpus_sha256, "k1": k1, "b": b,
                 "stopwords": stopwords, "stemmer": stemmer, "bm25s_version": bm25s.__version__}
         return cls(model, ids, meta)
