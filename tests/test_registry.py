@@ -197,6 +197,45 @@ def test_rollback_returns_to_the_previous_champion(store, rcfg, tmp_path: Path) 
         registry.promote(rcfg, tcfg, root=root, version="1")
 
 
+@pytest.mark.parametrize("dies_at", [1, 2, 3, 4, 5, 6])
+def test_rollback_again_finishes_an_interrupted_rollback(store, rcfg, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         dies_at: int) -> None:
+    """A rollback (3 -> 2) killed at its n-th registry write (1: its start mark on version 2;
+    2-4: the RAG model's alias, then its components'; 5: version 3's rolled-back tag; 6: the end
+    mark) is finished by the next
+    rollback, which does not go on to version 1; then rollbacks go on as before."""
+    tcfg, root = store
+    name = rcfg.model_name
+    for f1 in (40.0, 45.0, 50.0):
+        register(store, rcfg, tmp_path, f1)
+        assert promote(store, rcfg).promoted
+    writes: list[str] = []
+
+    def counted(real):  # type: ignore[no-untyped-def]
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            writes.append(real.__name__)
+            if len(writes) == dies_at:
+                raise KeyboardInterrupt  # a kill before this write
+            return real(*a, **k)
+        return call
+
+    for f in ("set_alias", "tag_version"):
+        monkeypatch.setattr(tracking, f, counted(getattr(tracking, f)))
+    with pytest.raises(KeyboardInterrupt):
+        registry.rollback(rcfg, tcfg, root=root)
+    monkeypatch.undo()
+    assert writes == ["tag_version", *["set_alias"] * 3, *["tag_version"] * 2][:dies_at]
+    r = registry.rollback(rcfg, tcfg, root=root)
+    assert (r.replaced, r.champion) == ("3", "2")
+    assert r.finished == (dies_at > 2)  # from the first alias move on, it was under way
+    for n in (name, f"{name}-retriever", f"{name}-generator"):
+        assert alias(store, n, "champion") == "2"
+    assert "replaced by version 2" in tags(store, name, "3")["ragtrain.rolled_back"]
+    assert not tags(store, name, "2").get(registry.ROLLBACK_TAG)
+    assert registry.rollback(rcfg, tcfg, root=root).champion == "1"  # and on, as before
+
+
 def test_promote_again_finishes_an_interrupted_promotion(store, rcfg, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A promotion that died after moving the RAG model's @champion (before its components'

@@ -165,7 +165,8 @@ def _cmd_rollback(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
     from ragtrain.tracking import registry
 
     r = registry.rollback(cfg.registry, cfg.tracking, root=paths.root)
-    print(f"{r.name}@champion: version {r.replaced} -> version {r.champion} (rolled back)")
+    print(f"{r.name}@champion: version {r.replaced} -> version {r.champion} ("
+          + ("finished the interrupted rollback" if r.finished else "rolled back") + ")")
 
 
 def _cmd_evaluate_champion(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:

@@ -47,12 +47,12 @@ def _passages(corpus: Path, ids: set[str]) -> dict[str, dict[str, str]]:
 
 def champion_for_report(cfg: Config, paths: Paths) -> tuple[Champion | None, str]:
     """The registry's champion (None and why not, when there is none or no tracking)."""
-    from ragtrain.tracking import registry
+    from ragtrain.tracking.champion import champion_record
 
     if not cfg.tracking.enabled:
         return None, "tracking is off (tracking.enabled: false), so there is no registry"
     try:
-        rec = registry.champion_record(cfg.registry, cfg.tracking, root=paths.root)
+        rec = champion_record(cfg.registry, cfg.tracking, root=paths.root)
     except RagtrainError as e:
         return None, f"the registry could not be read ({e})"
     if rec is None:

@@ -50,6 +50,7 @@ RERANKER_FP_TAG = "ragtrain.reranker_fingerprint"  # the reranker the bundle's m
 RERANKER_WEIGHTS_TAG = "ragtrain.reranker_weights_fingerprint"  # the one its weights are
 PREVIOUS_TAG = "ragtrain.previous_champion"
 ROLLED_BACK_TAG = "ragtrain.rolled_back"
+ROLLBACK_TAG = "ragtrain.rollback_from"  # on a version a rollback restores, until it ends
 DECISION_TAG = "ragtrain.promotion."
 RAG_ARTIFACT = "rag"
 COMPONENTS = ("retriever", "generator")
@@ -276,6 +277,8 @@ def _crown(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str, tags: Mappi
     aliases (if they still name it) removed. Idempotent, so a rerun finishes a killed one."""
     name = rcfg.model_name
     _set_champion(rcfg, tcfg, version, tags, root)
+    if tags.get(ROLLBACK_TAG):  # a rollback to it died before moving an alias: moot now
+        tracking.tag_version(tcfg, name, version, {ROLLBACK_TAG: ""}, root=root)
     if tracking.get_alias(tcfg, name, CHALLENGER, root=root) == version:
         for c in COMPONENTS:
             part = component_name(name, c)
@@ -372,6 +375,7 @@ class Rollback:
     name: str
     replaced: str  # the champion before
     champion: str  # the champion now (the one it had replaced)
+    finished: bool = False  # True: this call finished an interrupted rollback
 
 
 def rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
@@ -390,40 +394,28 @@ def _rollback(rcfg: RegistryConfig, tcfg: TrackingConfig, *, root: Path) -> Roll
     if current is None:
         raise RegistryError(f"no {name}@{CHAMPION} in {tracking.redact(tcfg.uri)}: nothing to "
                             "roll back")
-    previous = tracking.version_tags(tcfg, name, current, root=root).get(PREVIOUS_TAG, "")
+    tags = tracking.version_tags(tcfg, name, current, root=root)
+    if tags.get(ROLLBACK_TAG):  # a rollback to `current` died before its end: finish that one
+        return _restore(rcfg, tcfg, current, tags, tags[ROLLBACK_TAG], root, finished=True)
+    previous = tags.get(PREVIOUS_TAG, "")
     if not previous:
         raise RegistryError(f"{name} version {current} was the first champion: there is no "
                             "previous champion to roll back to")
     prev_tags = tracking.version_tags(tcfg, name, previous, root=root)  # raises if deleted
-    _set_champion(rcfg, tcfg, previous, prev_tags, root)
-    tracking.tag_version(tcfg, name, current,
-                         {ROLLED_BACK_TAG: f"replaced by version {previous} at {_now()}"},
+    tracking.tag_version(tcfg, name, previous, {ROLLBACK_TAG: current}, root=root)  # first
+    return _restore(rcfg, tcfg, previous, prev_tags, current, root)
+
+
+def _restore(rcfg: RegistryConfig, tcfg: TrackingConfig, version: str, tags: Mapping[str, str],
+             replaced: str, root: Path, finished: bool = False) -> Rollback:
+    """A rollback's moves: every ``champion`` to ``version``'s, ``replaced`` marked rolled back,
+    then ``version``'s rollback tag cleared (last: it marks the end). Idempotent."""
+    _set_champion(rcfg, tcfg, version, tags, root)
+    tracking.tag_version(tcfg, rcfg.model_name, replaced,
+                         {ROLLED_BACK_TAG: f"replaced by version {version} at {_now()}"},
                          root=root)
-    return Rollback(name, current, previous)
-
-
-# --------------------------------------------------------------------------- champion
-
-
-def champion_record(rcfg: RegistryConfig, tcfg: TrackingConfig, *,
-                    root: Path = Path(".")) -> dict[str, Any] | None:
-    """What a run report compares with: the champion's version, its run, its recorded metrics,
-    the params and lineage tags (git, dvc.lock, versions) of its run; None without a champion
-    (or without a store yet: nothing is created to find out)."""
-    db = tracking.sqlite_path(tcfg.uri, root)
-    if db is not None and not db.is_file():
-        return None
-    tracking.check_store(tcfg.uri, root=root)
-    name = rcfg.model_name
-    version = tracking.get_alias(tcfg, name, CHAMPION, root=root)
-    if version is None:
-        return None
-    tags = tracking.version_tags(tcfg, name, version, root=root)
-    run_id, params, run_tags = tracking.version_run(tcfg, name, version, root=root)
-    return {"version": version, "run_id": run_id, "metrics": metrics_of(tags),
-            "params": params, "eval_set_sha256": tags.get(EVAL_SET_TAG, ""),
-            "lineage": {k: v for k, v in run_tags.items()
-                        if k.startswith(("git.", "dvc.", "version."))}}
+    tracking.tag_version(tcfg, rcfg.model_name, version, {ROLLBACK_TAG: ""}, root=root)
+    return Rollback(rcfg.model_name, replaced, version, finished)
 
 
 # --------------------------------------------------------------------------- report
