@@ -42,7 +42,8 @@ from ragtrain.tracking.registry import (
 )
 from tests.conftest import BIN, FIXTURES
 from tests.test_dvc_pipeline import ENV, copy_repo, sh
-from tests.test_flow import tiny_overrides
+from tests.test_flow import prefect_server, tiny_overrides  # noqa: F401 (a fixture)
+from tests.test_ui import wait
 
 pytestmark = pytest.mark.slow
 
@@ -293,6 +294,74 @@ def test_resumed_training_keeps_the_whole_loss_curve(
     proj, base = project
     assert lock_outs(proj)["plots/train_retriever.json"] == base.lock[
         "plots/train_retriever.json"]
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+def test_a_crashed_flow_run_rerun_ends_with_the_same_results(
+        project: tuple[Path, Baseline], prefect_server: None, tmp_path: Path,  # noqa: F811
+        tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Prefect flow (the retriever half), in its own process group, killed whole mid
+    training step 3 of train_retriever: the flow process, DVC and the stage at once, as a lost
+    machine would. A new run of the flow resumes the stage from its step-2 checkpoint and ends
+    with the baseline's metrics and byte-identical outputs."""
+    import sys
+
+    from flows.rag_pipeline import rag_pipeline
+    from prefect.settings import PREFECT_API_URL
+
+    _, base = project
+    proj = copy_repo(tmp_path / "proj")
+    overrides = {**tiny_overrides(tiny_bert_dir), "retriever.max_steps": 4,
+                 "retriever.checkpoint_every": 2, "tracking.enabled": False}  # the baseline's
+    code = ("import json, sys; sys.path.insert(0, '.'); "
+            "from flows.rag_pipeline import rag_pipeline; "
+            "rag_pipeline(params_path='params.yaml', overrides=json.loads(sys.argv[1]), "
+            "push=False, until='eval_retriever')")
+    f, mark = Fault("torch.nn.utils:clip_grad_norm_@3:before", "train-retriever"), tmp_path / "m"
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS),
+                                                              ENV.get("PYTHONPATH")])),
+           "RAGTRAIN_FAULT": f.target, "RAGTRAIN_FAULT_STAGE": f.stage,
+           "RAGTRAIN_FAULT_MARK": str(mark), "RAGTRAIN_FAULT_KILL_PIDS": "group",
+           "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    with subprocess.Popen([sys.executable, "-c", code, json.dumps(overrides)], cwd=proj,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as p:
+        out = p.communicate(timeout=600)[0]
+    assert p.returncode == -9, out[-3000:]
+    # until the init process has reaped the group (DVC takes a dead but unreaped holder of its
+    # rwlock for a live one), as after a lost machine
+    wait(lambda: not _group_exists(p.pid), 60, "the killed process group to be reaped")
+    assert f.target in mark.read_text()
+    state = json.loads((proj / "checkpoints/retriever/last/trainer_state.json").read_text())
+    assert state["state"]["step"] == 2 and not (proj / "artifacts/retriever").exists()
+
+    # a new run of the flow (what Run in the UI starts), the same parameters; a probe counts
+    # the training steps the stage runs
+    probe = tmp_path / "probe"
+    for k, v in {"PYTHONPATH": env["PYTHONPATH"], "RAGTRAIN_FAULT": f.target.replace("@3", "@1"),
+                 "RAGTRAIN_FAULT_STAGE": f.stage, "RAGTRAIN_FAULT_MARK": str(probe),
+                 "RAGTRAIN_FAULT_KILL_PIDS": "none"}.items():
+        monkeypatch.setenv(k, v)
+    got = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides, push=False,
+                       until="eval_retriever")
+    assert len(probe.read_text().splitlines()) == 2  # steps 3 and 4: resumed from step 2
+    assert got["test/recall_at_1"] == base.metrics["retriever.json"]["test/recall_at_1"]
+    now = metrics(proj)
+    assert now and all(now[k] == base.metrics[k] for k in now)
+    outs = lock_outs(proj)
+    for o in ("artifacts/retriever", "plots/train_retriever.json", "artifacts/index"):
+        assert outs[o] == base.lock[o], o  # byte for byte, the loss curve whole
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether any process (a zombie too) is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 # --------------------------------------------------------------------------- index
