@@ -309,6 +309,7 @@ def test_a_crashed_flow_run_rerun_ends_with_the_same_results(
     import sys
 
     from flows.rag_pipeline import rag_pipeline
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     _, base = project
@@ -347,6 +348,9 @@ def test_a_crashed_flow_run_rerun_ends_with_the_same_results(
     got = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides, push=False,
                        until="eval_retriever")
     assert len(probe.read_text().splitlines()) == 2  # steps 3 and 4: resumed from step 2
+    with get_client(sync_client=True) as client:  # nothing was left to end the killed one
+        states = sorted(r.state.type.value for r in client.read_flow_runs())
+    assert states == ["COMPLETED", "RUNNING"], states
     assert got["test/recall_at_1"] == base.metrics["retriever.json"]["test/recall_at_1"]
     now = metrics(proj)
     assert now and all(now[k] == base.metrics[k] for k in now)
