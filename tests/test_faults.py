@@ -84,13 +84,20 @@ def run(proj: Path, *cmd: str, fault: Fault | None = None, mark: Path | None = N
     env = {**ENV, **(env_extra or {})}
     if fault is not None:
         assert mark is not None
-        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(FAULTS),
-                                                             env.get("PYTHONPATH")])),
-                   RAGTRAIN_FAULT=fault.target, RAGTRAIN_FAULT_STAGE=fault.stage,
-                   RAGTRAIN_FAULT_MARK=str(mark))
+        env.update(fault_env(fault, mark, env.get("PYTHONPATH")))
     exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
     return subprocess.run([exe, *cmd[1:]], cwd=proj, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def fault_env(fault: Fault, mark: Path, pythonpath: str | None,
+              kill: str | None = None) -> dict[str, str]:
+    """The variables that arm ``fault`` (the hook first on PYTHONPATH); ``kill``:
+    RAGTRAIN_FAULT_KILL_PIDS (pids, "group", or "none" for a counting probe)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), pythonpath])),
+            "RAGTRAIN_FAULT": fault.target, "RAGTRAIN_FAULT_STAGE": fault.stage,
+            "RAGTRAIN_FAULT_MARK": str(mark), **({"RAGTRAIN_FAULT_KILL_PIDS": kill} if kill
+                                                 else {})}
 
 
 def killed(r: subprocess.CompletedProcess, mark: Path, fault: Fault) -> None:
@@ -321,10 +328,7 @@ def test_a_crashed_flow_run_rerun_ends_with_the_same_results(
             "rag_pipeline(params_path='params.yaml', overrides=json.loads(sys.argv[1]), "
             "push=False, until='eval_retriever')")
     f, mark = Fault("torch.nn.utils:clip_grad_norm_@3:before", "train-retriever"), tmp_path / "m"
-    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS),
-                                                              ENV.get("PYTHONPATH")])),
-           "RAGTRAIN_FAULT": f.target, "RAGTRAIN_FAULT_STAGE": f.stage,
-           "RAGTRAIN_FAULT_MARK": str(mark), "RAGTRAIN_FAULT_KILL_PIDS": "group",
+    env = {**ENV, **fault_env(f, mark, ENV.get("PYTHONPATH"), kill="group"),
            "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     with subprocess.Popen([sys.executable, "-c", code, json.dumps(overrides)], cwd=proj,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -341,9 +345,8 @@ def test_a_crashed_flow_run_rerun_ends_with_the_same_results(
     # a new run of the flow (what Run in the UI starts), the same parameters; a probe counts
     # the training steps the stage runs
     probe = tmp_path / "probe"
-    for k, v in {"PYTHONPATH": env["PYTHONPATH"], "RAGTRAIN_FAULT": f.target.replace("@3", "@1"),
-                 "RAGTRAIN_FAULT_STAGE": f.stage, "RAGTRAIN_FAULT_MARK": str(probe),
-                 "RAGTRAIN_FAULT_KILL_PIDS": "none"}.items():
+    every_step = Fault("torch.nn.utils:clip_grad_norm_@1:before", "train-retriever")
+    for k, v in fault_env(every_step, probe, os.environ.get("PYTHONPATH"), kill="none").items():
         monkeypatch.setenv(k, v)
     got = rag_pipeline(params_path=str(proj / "params.yaml"), overrides=overrides, push=False,
                        until="eval_retriever")
