@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ragtrain import distributed
 from ragtrain.config import (
     DEFAULT_PARAMS,
     Config,
@@ -25,12 +26,18 @@ from ragtrain.pipeline.paths import Paths
 from ragtrain.pipeline.registry import load_registered_rag
 
 
-def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
+def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> int | None:
     stage = stages.STAGES[args.stage]
+    nproc = distributed.requested_processes()
+    if stage.resume and nproc > 1 and not distributed.under_torchrun():
+        return distributed.relaunch(nproc, ["-m", "ragtrain.cli", *args.argv])
     kwargs = {"resume": args.resume} if stage.resume else {}
     kwargs.update({o.dest: getattr(args, o.dest) for o in stage.options
                    if getattr(args, o.dest) is not None})
-    print(stage.summary(cfg, paths, stages.run_stage(stage.name, cfg, paths, **kwargs)))
+    result = stages.run_stage(stage.name, cfg, paths, **kwargs)
+    if distributed.is_main():
+        print(stage.summary(cfg, paths, result))
+    return None
 
 
 def _cmd_dag(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:
@@ -275,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a torchrun relaunch repeats
     # MLflow logs at INFO (e.g. on creating the sqlite store): keep stderr for ragtrain's own
     # messages. MLflow sets its level from this variable when it is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides = dict(parse_override(s) for s in getattr(args, "set", []))
             cfg = load_config(args.params, overrides)
-        args.fn(cfg, Paths(), args)
+        rc = args.fn(cfg, Paths(), args)
     except RagtrainError as e:
         from ragtrain.tracking.runs import redact  # a password in a URI never reaches a log
 
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from ragtrain import distributed
 from ragtrain.io import atomic_path
 
 STATE_FILE = "trainer_state.json"
@@ -148,12 +149,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def prepare_ckpt_dir(ckpt_dir: Path, signature: str, resume: bool) -> bool:
-    """Keep ``ckpt_dir`` only when resuming the same run; returns whether it was kept."""
+    """Keep ``ckpt_dir`` only when resuming the same run; returns whether it was kept.
+    Under torchrun every rank reads the folder and rank 0 alone clears it."""
     f = ckpt_dir / "last" / STATE_FILE
     same = f.exists() and json.loads(f.read_text()).get("signature") == signature
-    if not (resume and same):
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every rank has read it before rank 0 deletes it
+    if distributed.is_main():
+        if not (resume and same):
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return resume and same
 
 
@@ -177,7 +182,16 @@ def train_loop(
     exact. ``evaluate`` returns dev metrics; the weights of the best by ``select_metric`` are
     kept in ``ckpt_dir/best.safetensors`` (so a resumed run keeps them too) and the model ends
     holding them. ``on_step(step, {"loss", "lr", ...})`` reports progress (e.g. to MLflow).
+
+    Under torchrun (distributed.py) the model runs under DDP: ``loss_fn`` computes this rank's
+    share of micro-batch ``micro`` (``distributed.shard``), each rank's mean loss is weighted by
+    its share of the examples so that the averaged gradient is the global batch's, and rank 0
+    alone evaluates, reports and writes checkpoints; the others follow its evaluations.
     """
+    ddp = distributed.wrap(model)
+    main = distributed.is_main()
+    if not main:
+        on_step = None
     opt = optimizer or build_optimizer(model, loop.lr, loop.weight_decay)
     warmup = int(loop.warmup_ratio * loop.total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -214,7 +228,7 @@ def train_loop(
             if loop.patience and state.evals_since_best >= loop.patience:
                 state.stopped_early = True
 
-    bar = tqdm(total=loop.total_steps, initial=state.step, disable=not loop.progress,
+    bar = tqdm(total=loop.total_steps, initial=state.step, disable=not (loop.progress and main),
                desc="train", unit="step", dynamic_ncols=True)
     model.train()
     while state.step < loop.total_steps and not state.stopped_early:
@@ -223,10 +237,19 @@ def train_loop(
         for a in range(loop.grad_accum_steps):
             micro = state.step * loop.grad_accum_steps + a
             torch.manual_seed(loop.seed * 1_000_003 + micro)  # dropout masks fixed per batch
-            loss, n = loss_fn(micro)
-            scaler.scale(loss / loop.grad_accum_steps).backward()
-            total += float(loss.detach()) * n
-            count += n
+            if ddp is None:
+                loss, n = loss_fn(micro)
+                scaler.scale(loss / loop.grad_accum_steps).backward()
+                total += float(loss.detach()) * n
+                count += n
+                continue
+            with distributed.no_sync(ddp, a < loop.grad_accum_steps - 1):
+                loss, n = ddp(loss_fn, micro)
+                n_all, loss_sum = distributed.sum_all([n, float(loss.detach()) * n])
+                share = n * distributed.world_size() / n_all  # DDP averages over ranks
+                scaler.scale(loss * share / loop.grad_accum_steps).backward()
+            total += loss_sum
+            count += int(n_all)
         scaler.unscale_(opt)  # clip the true gradients
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
                      if loop.grad_clip > 0 else torch.tensor(float("nan")))
@@ -246,11 +269,19 @@ def train_loop(
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
         at_end = state.step == loop.total_steps
         if evaluate and ((loop.eval_every and state.step % loop.eval_every == 0) or at_end):
-            model.eval()
-            do_eval()
-            model.train()
+            if main:
+                model.eval()
+                do_eval()
+                model.train()
+            if ddp is not None:  # rank 0's verdict (best, early stop) on every rank
+                (state.history, state.best_metric, state.best_step, state.evals_since_best,
+                 state.stopped_early) = distributed.broadcast(
+                    (state.history, state.best_metric, state.best_step, state.evals_since_best,
+                     state.stopped_early))
         if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
-            save_checkpoint(last, model, opt, state, signature, scaler)
+            if main:
+                save_checkpoint(last, model, opt, state, signature, scaler)
+            distributed.barrier()
     bar.close()
     return _end(model, state, best if evaluate else None)
 

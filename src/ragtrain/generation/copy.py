@@ -234,6 +234,9 @@ class CopyBackend(Generator):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.loss(batch)
 
+    def target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["tgt_mask"].sum())
+
     def passage_log_probs(self, examples: Sequence[Example]
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (question, passage z) read alone; one answer target per question under every

@@ -230,6 +230,10 @@ class Generator(ABC):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean token cross-entropy of the reference answers (answer tokens only)."""
 
+    def target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """The answer tokens ``loss`` averages over (a rank's weight under torchrun)."""
+        return int((batch["labels"] != -100).sum())
+
     @abstractmethod
     def source_length(self, encoded: dict[str, Any]) -> int:
         """The source tokens of one encoded example (what batches are grouped by)."""

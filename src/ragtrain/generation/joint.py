@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ragtrain import runtime
+from ragtrain import distributed, runtime
 from ragtrain.config import JointConfig
 from ragtrain.data.corpus import Passage
 from ragtrain.evaluation.answers import score_answers
@@ -212,8 +212,9 @@ def train_joint(
         chunk = [rows[i] for i in order(e)[b * bs:(b + 1) * bs]]
         if refresh is not None:
             refresh(micro // cfg.grad_accum_steps)
+        mine = distributed.shard(chunk)  # under torchrun: this rank's questions
         with runtime.autocast(amp):
-            return rag.loss(chunk), len(chunk)
+            return rag.loss(mine), int(distributed.weight(len(chunk), len(mine)))
 
     dev = [r for r in dev_rows if r.get("answers")]
     if cfg.dev_questions and len(dev) > cfg.dev_questions:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ragtrain import runtime
+from ragtrain import distributed, runtime
 from ragtrain.config import GeneratorConfig
 from ragtrain.data.corpus import Passage
 from ragtrain.evaluation.answers import score_answers
@@ -121,6 +121,11 @@ def train_generator(
     def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
         e, b = divmod(micro, n_batches)
         chunk = epoch_data(e)[b * bs:(b + 1) * bs]
+        if distributed.world_size() > 1:  # this rank's share, weighed by its answer tokens
+            batch = gen.collate(distributed.shard(chunk))
+            with runtime.autocast(amp):
+                return gen.loss(batch), int(distributed.weight(len(chunk),
+                                                               gen.target_tokens(batch)))
         with runtime.autocast(amp):
             return gen.loss(gen.collate(chunk)), len(chunk)
 

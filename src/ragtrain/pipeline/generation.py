@@ -86,6 +86,7 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the generator by MLE on the train questions with their retrieved passages
     (dev F1 picks the best checkpoint) -> artifacts/generator."""
+    from ragtrain import distributed
     from ragtrain.data.corpus import Corpus
     from ragtrain.generation.generator import Generator
     from ragtrain.generation.training import train_generator
@@ -111,6 +112,8 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
     state = train_generator(gen, train, dev, retrieved, corpus, gc, top_k=cfg.retriever.top_k,
                             seed=cfg.seed, ckpt_dir=paths.generator_checkpoints, resume=resume,
                             signature=signature, on_step=record, progress=progress)
+    if not distributed.is_main():  # torchrun: rank 0 alone writes the outputs
+        return {}
     gen.save(paths.generator)
     return record.finish(
         state, select="dev/f1", metrics_file=paths.generator_train_metrics,

@@ -63,7 +63,7 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
     import numpy as np
     import torch
 
-    from ragtrain import runtime
+    from ragtrain import distributed, runtime
     from ragtrain.data.corpus import Corpus
     from ragtrain.errors import RagtrainError
     from ragtrain.generation.generator import Generator
@@ -133,7 +133,7 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
     # the pipeline-trained pair first, on the same questions and passages (the baseline)
     gen_file = paths.generator / "model.safetensors"
     metrics = evaluate(rag_of(retriever.query_tower, Generator.load(paths.generator)),
-                       "pipeline")
+                       "pipeline") if distributed.is_main() else {}
     seed_everything(cfg.seed)
     gen = Generator.load(paths.generator)
     rag = rag_of(copy.deepcopy(retriever.query_tower), gen,
@@ -150,6 +150,8 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
                            on_refresh=record) if jc.refresh_every else None
     state = train_joint(rag, train, dev, jc, seed=cfg.seed, ckpt_dir=ckpt, resume=resumed,
                         signature=signature, on_step=record, progress=progress, refresh=refresh)
+    if not distributed.is_main():  # torchrun: rank 0 alone writes the outputs
+        return {}
     if refresh is not None:
         metrics.update({"refresh/count": refresh.count, "refresh/seconds": refresh.seconds,
                         **refresh.last})

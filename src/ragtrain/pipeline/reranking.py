@@ -34,6 +34,7 @@ def run_train_reranker(cfg: Config, paths: Paths, *, resume: bool = True,
     rk = cfg.reranker
     if not rk.enabled:
         return write_disabled(paths)
+    from ragtrain import distributed
     from ragtrain.data.corpus import Corpus, check_gold_ids
     from ragtrain.pipeline.history import TrainingRecord
     from ragtrain.retrieval.bm25 import BM25Retriever
@@ -53,6 +54,8 @@ def run_train_reranker(cfg: Config, paths: Paths, *, resume: bool = True,
         ckpt_dir=paths.reranker_checkpoints, resume=resume, on_step=record, progress=progress,
         signature_parts=[corpus_sha, sha256_file(paths.queries("train")),
                          sha256_file(paths.queries("dev")), *code_hashes(run_train_reranker)])
+    if not distributed.is_main():  # torchrun: rank 0 alone writes the outputs
+        return {}
     model.save(paths.reranker)
     return record.finish(
         state, select="dev/recall_at_1", metrics_file=paths.reranker_train_metrics,

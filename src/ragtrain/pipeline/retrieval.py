@@ -31,6 +31,7 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
                         on_step: Callable[[int, Mapping[str, float]], None] | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the bi-encoder on train questions (dev for model selection) -> artifacts/."""
+    from ragtrain import distributed
     from ragtrain.data.corpus import Corpus, check_gold_ids
     from ragtrain.pipeline.history import TrainingRecord
     from ragtrain.retrieval.bm25 import BM25Retriever
@@ -63,6 +64,8 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
         signature_parts=[sha256_file(paths.corpus), sha256_file(paths.queries("train")),
                          sha256_file(paths.queries("dev")), teacher_sha,
                          *code_hashes(run_train_retriever)])
+    if not distributed.is_main():  # torchrun: rank 0 alone writes the outputs
+        return {}
     model.save(paths.retriever)
     return record.finish(state, select="dev/recall_at_1",
                          metrics_file=paths.retriever_train_metrics,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtrain import tracking
+from ragtrain import distributed, tracking
 from ragtrain.config import Config
 from ragtrain.pipeline import tracked as log
 from ragtrain.pipeline.code import code_files, repo_path
@@ -306,6 +306,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 def run_stage(name: str, cfg: Config, paths: Paths, **kwargs: Any) -> Any:
     """Run a stage inside its MLflow run (what the CLI, hence dvc.yaml, calls)."""
     stage = STAGES[name]
+    if not distributed.is_main():  # a torchrun worker: it trains beside rank 0, which alone
+        return stage.fn(cfg, paths, **kwargs)  # tracks, times and writes the outputs
     t0 = time.perf_counter()
     before = read_timings(paths.timings)
     if stage.own_run:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ragtrain import tracking
+from ragtrain import distributed, tracking
 from ragtrain.config import Config, flatten, to_dict
 from ragtrain.io import sha256_file
 from ragtrain.pipeline.paths import Paths
@@ -31,6 +31,8 @@ def tracked(cfg: Config, paths: Paths, name: str) -> Iterator[tracking.RunHandle
         yield None
         return
     tags = {"ragtrain.stage": name, **tracking.lineage(paths.root)}
+    if distributed.world_size() > 1:  # trained by torchrun's processes (data parallel)
+        tags["ragtrain.processes"] = str(distributed.world_size())
     with tracking.run(cfg.tracking, name, root=paths.root, tags=tags,
                       parent_run_id=os.environ.get(PARENT_RUN_ENV) or None) as run:
         run.log_params(flatten(to_dict(cfg)))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragtrain import runtime, trainer
+from ragtrain import distributed, runtime, trainer
 from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
@@ -124,7 +124,8 @@ def make_loss_fn(model: Reranker, questions: Sequence[str], texts: Mapping[str, 
     """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
 
     def loss_fn(i: int) -> tuple[torch.Tensor, int]:
-        batch = batches(i)
+        everyone = batches(i)
+        batch = distributed.shard(everyone)  # under torchrun: this rank's questions
         n = max(len(c) for _, c in batch)
         rows = [r for r, (_, c) in enumerate(batch) for _ in c]
         cols = [j for _, c in batch for j in range(len(c))]
@@ -137,7 +138,7 @@ def make_loss_fn(model: Reranker, questions: Sequence[str], texts: Mapping[str, 
             index, torch.tensor(False))  # True: no candidate in that slot
         targets = torch.zeros(len(batch), dtype=torch.long)  # the gold is column 0
         return listwise_softmax_ce(scores, targets.to(scores.device), mask.to(scores.device)), \
-            len(batch)
+            int(distributed.weight(len(everyone), len(batch)))
 
     return loss_fn
 

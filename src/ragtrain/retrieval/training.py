@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragtrain import runtime, trainer
+from ragtrain import distributed, runtime, trainer
 from ragtrain.config import RetrieverConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
@@ -174,13 +174,20 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
                  negatives: Sequence[Sequence[str]], cfg: RetrieverConfig, *, seed: int,
                  bf16: bool | torch.dtype | None, teacher: TeacherScores | None = None
                  ) -> Callable[[int], tuple[torch.Tensor, int]]:
-    """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index."""
+    """loss_fn(micro_batch_index) for trainer.train_loop; the batch is fixed by the index.
+
+    Under torchrun each rank embeds its share of the batch's questions and of its passage
+    columns; the columns of all ranks are gathered (with their gradient), so every question is
+    scored against the global batch's passages, as in one process."""
     text = dict(zip(corpus.ids, passage_inputs(corpus.passages), strict=True))
     gold = [set(r["gold_passage_ids"]) for r in rows]
     batches = Batches.build(rows, cfg, seed)
     loss = losses.get_loss(cfg.loss)
     if loss.uses_teacher and teacher is None:
         raise ValueError(f"retriever.loss {cfg.loss!r} needs the teacher's scores")
+    if cfg.grad_cache_chunk and distributed.world_size() > 1:
+        raise ValueError("retriever.grad_cache_chunk does not run under torchrun yet: set it "
+                         "to 0, or train in one process")
 
     def loss_fn(i: int) -> tuple[torch.Tensor, int]:
         pids, idx, targets = batches(i)
@@ -196,6 +203,18 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
             scores = torch.tensor([[s.get(c, math.nan) for c in columns] for s in own])
             fn = functools.partial(fn, teacher=scores, weight=cfg.distill_weight,
                                    teacher_temperature=cfg.distill_temperature)
+        if distributed.world_size() > 1:  # this rank's questions against all ranks' columns
+            mine = distributed.work(len(idx))
+            cols = distributed.work(len(columns))
+            with runtime.autocast(bf16):
+                q = model.forward_queries(questions[mine.start:mine.stop])
+                p = distributed.gather_rows(model.forward_passages(
+                    [text[c] for c in columns[cols.start:cols.stop]]), len(columns))
+            if "teacher" in getattr(fn, "keywords", {}):
+                fn = functools.partial(fn, teacher=fn.keywords["teacher"][mine.start:mine.stop])
+            return fn(q, p, t[mine.start:mine.stop], cfg.temperature,
+                      None if mask is None else mask[mine.start:mine.stop]), \
+                distributed.weight(len(idx), len(mine))
         if cfg.grad_cache_chunk:  # the same gradient, chunk-sized activations (grad_cache.py)
             return grad_cached_loss(
                 [(lambda x: model.forward_queries(list(x)), questions),
