@@ -8,6 +8,7 @@ Parameter overrides are written into `params.yaml` first (validated, comments ke
     python flows/rag_pipeline.py                       # one local run
     python -c "from flows.rag_pipeline import rag_pipeline; rag_pipeline(overrides={...})"
     python -c "...; rag_pipeline(until='eval_retriever')"   # the retriever half only
+    python -c "...; rag_pipeline(nproc_per_node=2)"   # training stages under torchrun (DDP)
 """
 
 from __future__ import annotations
@@ -55,11 +56,16 @@ def push_data(root: str, env: dict[str, str]) -> None:
 
 @flow(name="rag-train-eval", log_prints=True)
 def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
-                 push: bool = True, promote: bool = False, until: str = "") -> dict[str, float]:
+                 push: bool = True, promote: bool = False, until: str = "",
+                 nproc_per_node: int = 0) -> dict[str, float]:
     """Train and evaluate the RAG pipeline: the `dvc.yaml` stages in order (the last registers
     the RAG model as challenger), then `dvc push`; `promote`: then the registry's promotion
     rule (a refusal is reported, not a failure of the run). `until`: only that stage and the
-    stages it depends on, as `dvc repro STAGE` does (e.g. "eval_retriever"); empty: all."""
+    stages it depends on, as `dvc repro STAGE` does (e.g. "eval_retriever"); empty: all.
+    `nproc_per_node` > 1: the training stages run as that many data-parallel processes under
+    torchrun (RAGTRAIN_NPROC_PER_NODE); 0: the worker's environment decides (default 1)."""
+    if nproc_per_node < 0:
+        raise RagtrainError(f"nproc_per_node: expected >= 0, got {nproc_per_node}")
     params = Path(params_path).resolve()
     root = params.parent
     paths = Paths(root)
@@ -68,6 +74,8 @@ def rag_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | N
     cfg = load_config(params)
     order = orchestration.stages_up_to(root, until) if until else orchestration.dag_order(root)
     with orchestration.pipeline_run(cfg, paths) as (run, env):
+        if nproc_per_node:
+            env = {**env, "RAGTRAIN_NPROC_PER_NODE": str(nproc_per_node)}
         outcome = {s: repro_stage(s, str(root), env) for s in order}
         if push:
             push_data(str(root), env)

@@ -29,10 +29,11 @@ def deployments() -> list:
         rag_pipeline.to_deployment(
             name="train-eval",
             parameters={"params_path": str(ROOT / "params.yaml"), "overrides": {},
-                        "push": True, "promote": False, "until": ""},
+                        "push": True, "promote": False, "until": "", "nproc_per_node": 0},
             description="Train and evaluate the RAG pipeline (the dvc.yaml stages, through "
                         "DVC). overrides: params.yaml keys, e.g. {\"retriever.lr\": 1.0e-4}; "
-                        "until: the stage to stop after (with what it needs), empty: all.",
+                        "until: the stage to stop after (with what it needs), empty: all; "
+                        "nproc_per_node > 1: training stages under torchrun (DDP).",
             tags=["ragtrain"],
         ),
         promote.to_deployment(

@@ -105,7 +105,8 @@ def test_worker_runs_the_deployment_with_parameters(server: tuple[str, dict[str,
         with temporary_settings({PREFECT_API_URL: url}):
             run = run_deployment("rag-train-eval/train-eval-worker", timeout=420,
                                  parameters={"overrides": overrides, "push": False,
-                                             "until": "prepare"})
+                                             "until": "train_retriever",
+                                             "nproc_per_node": 2})
         worker_log = (tmp_path / "worker.log").read_text()
         assert run.state is not None and run.state.is_completed(), (
             f"{run.state}\n{worker_log[-4000:]}")
@@ -117,17 +118,28 @@ def test_worker_runs_the_deployment_with_parameters(server: tuple[str, dict[str,
     fr = api(url, f"/flow_runs/{run.id}")
     assert fr["work_pool_name"] == POOL and fr["deployment_id"] == dep["id"]
     assert fr["parameters"]["push"] is False
-    assert fr["parameters"]["overrides"] == overrides and fr["parameters"]["until"] == "prepare"
+    assert fr["parameters"]["overrides"] == overrides
+    assert fr["parameters"]["until"] == "train_retriever"
+    assert fr["parameters"]["nproc_per_node"] == 2
     assert str(run.id) in worker_log  # this worker submitted it
 
     # the run's outputs, in the tiny project: the overrides took effect (and were recorded);
-    # the data stages only (the whole DAG through Prefect is tests/test_flow.py's)
+    # the stages up to the retriever's training, whose trainers (reranker, retriever) ran as 2
+    # DDP processes (the whole DAG through Prefect is tests/test_flow.py's)
     metrics = json.loads((proj / "metrics/prepare.json").read_text())
     assert metrics["data/passages"] == 5  # the tiny fixture, not the default source
     params = (proj / "params.yaml").read_text()
     assert "max_steps: 2" in params and "tiny_jsonl" in params
     lock = (proj / "dvc.lock").read_text()
-    assert "prepare:" in lock and "build_bm25:" not in lock
+    assert "train_retriever:" in lock and "build_index:" not in lock
+    trained = json.loads((proj / "metrics/train_retriever.json").read_text())
+    assert trained["train/steps"] == 2
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns/mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True,
+                              filter_string="tags.`ragtrain.stage` = 'train-retriever'")
+    assert list(runs["tags.ragtrain.processes"]) == ["2"]  # one run, by rank 0 of two
     assert not remote.exists()  # push=False: nothing pushed to the DVC remote
     arts = api(url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [str(run.id)]}}})
     assert {a["key"] for a in arts} >= {"rag-metrics", "mlflow-run"}

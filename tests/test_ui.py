@@ -104,7 +104,8 @@ def test_ui_deployment_run_with_override(served: tuple[str, Path, dict],
     deps = wait(all_served, 90, "the three served deployments")
     assert {d["name"] for d in deps} == names
     dep = next(d for d in deps if d["name"] == "train-eval")
-    assert set(dep["parameters"]) == {"params_path", "overrides", "push", "promote", "until"}
+    assert set(dep["parameters"]) == {"params_path", "overrides", "push", "promote", "until",
+                                      "nproc_per_node"}
     # the retriever half (the whole DAG through Prefect is tests/test_flow.py's)
     with temporary_settings({PREFECT_API_URL: url}):
         run = run_deployment("rag-train-eval/train-eval", timeout=600,
@@ -158,6 +159,6 @@ def test_ui_renders_the_deployment_and_its_parameters(served: tuple[str, Path, d
     subprocess.run([chromium(), *flags, f"--screenshot={shot}", page], capture_output=True,
                    timeout=120)
     assert "train-eval" in dom and "rag-train-eval" in dom
-    for param in ("params_path", "overrides", "push", "promote", "until"):
+    for param in ("params_path", "overrides", "push", "promote", "until", "nproc_per_node"):
         assert param in dom, f"parameter {param} not rendered"
     assert shot.exists() and shot.stat().st_size > 10_000  # kept as the test's output
