@@ -4,10 +4,11 @@
     python tests/ddp_worker.py KIND VARIANT MODEL_DIR OUT_DIR
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py ...
 
-KIND: retriever or generator. VARIANT: ``even`` (batches of 5 split 3 + 2, two micro-batches
-accumulated) or ``tail`` (micro-batches smaller than the world: the idle rank computes with
-weight 0). Environment: DDP_CRASH_AT=STEP makes rank 0 fail once that step is logged (torchrun
-then stops every rank); DDP_RESUME=1 resumes from the checkpoint folder.
+KIND: retriever, reranker or generator. VARIANT: ``even`` (batches of 5 split 3 + 2, two
+micro-batches accumulated) or ``tail`` (micro-batches smaller than the world: the idle rank
+computes with weight 0). Environment: DDP_CRASH_AT=STEP makes rank 0 fail once that step is
+logged (torchrun then stops every rank); DDP_RESUME=1 resumes from the checkpoint folder;
+DDP_DEVICE=cuda trains the retriever on this rank's GPU (bench/gpu_check.py: DDP over nccl).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def train_retriever(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.
     torch.manual_seed(0)
     model = BiEncoder.from_pretrained(EncoderSpec.from_config(cfg))
     no_dropout(model)
+    if os.environ.get("DDP_DEVICE") == "cuda":
+        distributed.init()  # binds this rank to its GPU (LOCAL_RANK)
+        model.to("cuda")
     bm25 = BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids)
     log: list = []
     crash_at = int(os.environ.get("DDP_CRASH_AT", "0"))
@@ -78,6 +82,29 @@ def train_retriever(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.
 
     train_retriever(model, corpus, train, dev, cfg, seed=0, ckpt_dir=ckpt, bm25=bm25,
                     progress=False, on_step=on_step, resume=os.environ.get("DDP_RESUME") == "1")
+    return model, log
+
+
+def train_reranker(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.Module, list]:
+    from ragtrain.config import RerankerConfig
+    from ragtrain.retrieval.bm25 import BM25Retriever
+    from ragtrain.retrieval.encoder import passage_inputs
+    from ragtrain.retrieval.reranker import Reranker, RerankerSpec
+    from ragtrain.retrieval.reranker_training import train_reranker
+
+    corpus, train, dev = toy()
+    # even: 5 questions a batch, each with its gold and 3 BM25 negatives; tail: 1 question
+    cfg = RerankerConfig(enabled=True, model_name=model_dir, max_length=48, candidates=4,
+                         train_candidates=4, negatives_depth=6,
+                         batch_questions=5 if variant == "even" else 1, grad_accum_steps=2,
+                         lr=1e-3, head_lr=1e-3, warmup_ratio=0.0, max_steps=3, eval_every=2,
+                         dev_questions=0, precision="fp32", checkpoint_every=2)
+    model = Reranker.from_pretrained(RerankerSpec.from_config(cfg), seed=0)
+    no_dropout(model)
+    bm25 = BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids)
+    log: list = []
+    train_reranker(model, corpus, train, dev, cfg, bm25=bm25, seed=0, ckpt_dir=ckpt,
+                   progress=False, on_step=lambda s, d: log.append([s, dict(d)]))
     return model, log
 
 
@@ -105,10 +132,11 @@ def train_generator(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.
 
 def main() -> None:
     kind, variant, model_dir, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    fn = {"retriever": train_retriever, "generator": train_generator}[kind]
+    fn = {"retriever": train_retriever, "reranker": train_reranker,
+          "generator": train_generator}[kind]
     model, log = fn(model_dir, out / "ckpt", variant)
     if distributed.is_main():
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(out / "weights.safetensors"))
         (out / "log.json").write_text(json.dumps(
             {"world_size": distributed.world_size(), "threads": torch.get_num_threads(),

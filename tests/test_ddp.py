@@ -67,6 +67,7 @@ def _train(kind: str, variant: str, model: Path, out: Path, nproc: int, fails: b
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "variant"), [("retriever", "even"), ("retriever", "tail"),
+                                               ("reranker", "even"), ("reranker", "tail"),
                                                ("generator", "even"), ("generator", "tail")])
 def test_two_processes_reach_the_weights_of_one(tiny_bert_dir: Path, tmp_path: Path,
                                                 kind: str, variant: str) -> None:

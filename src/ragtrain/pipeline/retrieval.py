@@ -81,7 +81,7 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     from ragtrain.data.corpus import Corpus
     from ragtrain.retrieval.embedding_cache import encode_with_cache
     from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
-    from ragtrain.retrieval.index import build_index, save_index
+    from ragtrain.retrieval.index import build_index_from_npy, save_index
     from ragtrain.retrieval.preflight import check_index_build
 
     corpus = Corpus.load(paths.corpus)
@@ -110,8 +110,9 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
         atomic_write_json(tmp / "meta.json", {"passage_ids": corpus.ids, "dim": emb.shape[1],
                                               "encoder_fingerprint": fp,
                                               "corpus_sha256": corpus_sha})
-    idx = build_index(emb, corpus.ids, cfg.index, corpus_sha256=corpus_sha,
-                      encoder_fingerprint=fp, seed=cfg.seed)
+    del emb  # the index is built from the saved file a chunk at a time: memory holds the index
+    idx = build_index_from_npy(paths.embeddings / "embeddings.npy", corpus.ids, cfg.index,
+                               corpus_sha256=corpus_sha, encoder_fingerprint=fp, seed=cfg.seed)
     save_index(idx, paths.index)
     return paths.index
 

@@ -9,7 +9,8 @@ Index kinds:
 
 - ``flat``: ``IndexFlatIP``, exact.
 - ``hnsw``: ``IndexHNSWFlat`` (inner product); always searched on CPU (faiss has no GPU HNSW).
-- ``ivfpq``: ``IndexIVFPQ`` (inner product), trained on the embeddings themselves.
+- ``ivfpq``: ``IndexIVFPQ`` (inner product), trained on a seeded sample of the embeddings
+  (``TRAIN_PER_LIST`` points per list, at least ``39 * 2 ** pq_bits``; all of them when fewer).
   ``nlist`` is reduced to ``n_passages // 39`` (at least 1) when the corpus is too small for
   ``index.ivf_nlist`` (faiss wants 39 training points per list); ``nprobe`` is capped at nlist.
   ``pq_m`` must divide the embedding dimension and the corpus must hold at least
@@ -23,6 +24,11 @@ Index kinds:
 
 Builds are deterministic: faiss k-means is seeded (``cp.seed``), and flat / HNSW adds do not
 use randomness beyond HNSW's fixed level generator.
+
+``build_index_from_npy`` builds from a saved ``.npy`` without loading it: the training sample,
+then the vectors a chunk at a time, so the build holds the index, not the embeddings (what
+``build-index`` does after saving them). Flat and IVF-PQ indexes come out byte-identical to
+``build_index`` over the loaded array.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +49,7 @@ from ragtrain.config import IndexConfig
 from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 from ragtrain.retrieval.checks import check_int
+from ragtrain.retrieval.embedding_file import EmbeddingFile
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +101,7 @@ def fingerprint_state_dict(state: Mapping[str, torch.Tensor]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         # view as bytes: works for every dtype (bfloat16 has no numpy equivalent)
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -182,8 +189,25 @@ def _place(idx: DenseIndex, device: str) -> DenseIndex:
     return idx
 
 
-def _ivfpq(x: np.ndarray, cfg: IndexConfig, seed: int) -> tuple[Any, dict[str, int]]:
-    n, dim = x.shape
+TRAIN_PER_LIST = 100  # IVF-PQ training points per inverted list (faiss warns below 39)
+CHUNK_ROWS = 16_384  # vectors read and added at a time by build_index_from_npy
+
+
+def training_rows(n: int, cfg: IndexConfig, seed: int) -> np.ndarray | None:
+    """The sorted rows IVF-PQ trains on (a seeded sample), or None: all ``n`` (other kinds, or a
+    corpus no larger than the sample)."""
+    if cfg.kind != "ivfpq":
+        return None
+    nlist = max(1, min(cfg.ivf_nlist, n // 39))
+    cap = max(TRAIN_PER_LIST * nlist, 39 * 2**cfg.pq_bits)
+    if n <= cap:
+        return None
+    return np.sort(np.random.default_rng([seed, n]).choice(n, size=cap, replace=False))
+
+
+def _ivfpq(x: np.ndarray, n: int, cfg: IndexConfig, seed: int) -> tuple[Any, dict[str, int]]:
+    """An untrained-then-trained IVF-PQ index for ``n`` vectors, trained on the sample ``x``."""
+    dim = x.shape[1]
     if dim % cfg.pq_m:
         raise RetrievalError(
             f"index.pq_m: must divide the embedding dimension {dim}, got {cfg.pq_m}"
@@ -238,6 +262,46 @@ def build_index(
     """Build a ``cfg.kind`` inner-product index over L2-normalised passage embeddings."""
     x = validate_embeddings(embeddings, "passage embeddings")  # (n_passages, dim)
     n, dim = x.shape
+    rows = training_rows(n, cfg, seed)
+    return _build(n, dim, lambda: x if rows is None else x[rows], lambda: iter([x]),
+                  passage_ids, cfg,
+                  corpus_sha256=corpus_sha256, encoder_fingerprint=encoder_fingerprint,
+                  seed=seed)
+
+
+def build_index_from_npy(
+    path: Path,
+    passage_ids: Sequence[str],
+    cfg: IndexConfig,
+    *,
+    corpus_sha256: str,
+    encoder_fingerprint: str,
+    seed: int = 0,
+    chunk_rows: int = CHUNK_ROWS,
+) -> DenseIndex:
+    """``build_index`` over the embeddings saved in ``path`` (.npy), read ``chunk_rows`` at a
+    time: memory holds the index, the IVF-PQ training sample and one chunk, never the whole
+    matrix."""
+    f = EmbeddingFile.open(path)
+    what = f"passage embeddings ({path})"
+    rows = training_rows(f.n, cfg, seed)
+
+    def sample() -> np.ndarray:
+        x = f.read(0, f.n) if rows is None else f.take(rows, chunk_rows)
+        return validate_embeddings(x, what)
+
+    return _build(f.n, f.dim, sample,
+                  lambda: (validate_embeddings(x, what) for x in f.chunks(chunk_rows)),
+                  passage_ids, cfg, corpus_sha256=corpus_sha256,
+                  encoder_fingerprint=encoder_fingerprint, seed=seed)
+
+
+def _build(n: int, dim: int, sample: Callable[[], np.ndarray],
+           chunks: Callable[[], Iterable[np.ndarray]], passage_ids: Sequence[str],
+           cfg: IndexConfig, *, corpus_sha256: str, encoder_fingerprint: str,
+           seed: int) -> DenseIndex:
+    """The index of ``n`` vectors: trained on ``sample()`` (IVF-PQ; freed once trained),
+    filled from ``chunks()``."""
     ids = _check_ids(passage_ids, n, "passage embeddings")
     if cfg.kind == "flat":
         index: Any = faiss.IndexFlatIP(dim)
@@ -249,10 +313,11 @@ def build_index(
         params = {"M": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction,
                   "ef_search": cfg.hnsw_ef_search}
     elif cfg.kind == "ivfpq":
-        index, params = _ivfpq(x, cfg, seed)
+        index, params = _ivfpq(sample(), n, cfg, seed)
     else:
         raise RetrievalError(f"index.kind: expected 'flat', 'hnsw' or 'ivfpq', got {cfg.kind!r}")
-    index.add(x)
+    for x in chunks():
+        index.add(x)
     meta = IndexMeta(
         kind=cfg.kind, dim=dim, metric=METRIC, n_passages=n, corpus_sha256=corpus_sha256,
         encoder_fingerprint=encoder_fingerprint, index_sha256="",

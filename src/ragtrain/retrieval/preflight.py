@@ -1,7 +1,9 @@
 """Index preflight: estimate a build's memory and disk from the corpus size, refuse before work.
 
-``build-index`` holds the passage embeddings (``n x dim`` float32) in memory and writes them
-next to the index; the index adds its own structures. ``check_index_build`` compares the
+``build-index`` holds the passage embeddings (``n x dim`` float32) in memory while it encodes
+and writes them next to the index, then builds the index from that file a chunk at a time
+(``index.build_index_from_npy``): the peak is the larger of the embeddings and the index (or its
+training buffers) plus a chunk. ``check_index_build`` compares the
 estimate for ``index.kind`` with the memory budget (``index.max_memory_gb``, else what the
 machine has available: ``MemAvailable`` in /proc/meminfo, capped by a cgroup limit, or psutil)
 and the free disk, and refuses with the key to change and a kind that fits. The estimates follow
@@ -11,7 +13,8 @@ faiss's storage (``bench/index_scale.py`` measures them against real builds):
 - ``hnsw``: the raw vectors plus about ``2M + 1`` int32 links per passage (level 0 holds ``2M``),
   and 12 bytes of level bookkeeping.
 - ``ivfpq``: ``pq_m * pq_bits / 8`` code bytes and an 8-byte id per passage, the coarse and PQ
-  centroids, and the training sample (faiss trains on at most 256 points per centroid).
+  centroids, and the training sample (``index.TRAIN_PER_LIST`` points per list) and its
+  residuals.
 - ``ivfpq`` with ``refine_k_factor``: plus the vectors it re-ranks on: 4, 2 or 1 bytes per
   dimension (``index.refine_store``: flat, fp16, sq8).
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from ragtrain.config import IndexConfig
 from ragtrain.errors import ConfigError
-from ragtrain.retrieval.index import REFINE_BYTES
+from ragtrain.retrieval.index import CHUNK_ROWS, REFINE_BYTES, TRAIN_PER_LIST
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,20 @@ class IndexEstimate:
     index_bytes: int  # the built index, in memory and (about the same) on disk
     build_bytes: int  # training buffers that exist only during the build
 
+    chunk_bytes: int = 0  # the vectors read and added at a time
+
+    @property
+    def from_file_bytes(self) -> int:
+        """Peak memory of building from the saved embeddings, with margin: the training buffers
+        or the filled index (whichever is larger; faiss frees the first before adding vectors)
+        plus a chunk of vectors being added."""
+        return int(MARGIN * (max(self.index_bytes, self.build_bytes) + self.chunk_bytes))
+
     @property
     def memory_bytes(self) -> int:
-        """Peak memory of the build, with margin: the embeddings, plus the training buffers or
-        the filled index, whichever is larger (faiss frees the first before adding vectors)."""
-        return int(MARGIN * (self.embeddings_bytes + max(self.index_bytes, self.build_bytes)))
+        """Peak memory of build-index, with margin: the embeddings while encoding, or the build
+        from their file, whichever is larger."""
+        return max(int(MARGIN * self.embeddings_bytes), self.from_file_bytes)
 
     @property
     def disk_bytes(self) -> int:
@@ -56,20 +68,21 @@ class IndexEstimate:
 def estimate_index(n: int, dim: int, kind: str, cfg: IndexConfig) -> IndexEstimate:
     """The memory and disk an index ``kind`` ('ivfpq+refine' too) over n x dim floats needs."""
     raw = 4 * n * dim
+    chunk = 4 * min(n, CHUNK_ROWS) * dim
     if kind == "flat":
-        return IndexEstimate(kind, raw, raw, 0)
+        return IndexEstimate(kind, raw, raw, 0, chunk)
     if kind == "hnsw":
-        return IndexEstimate(kind, raw, raw + n * (4 * (2 * cfg.hnsw_m + 1) + 12), 0)
+        return IndexEstimate(kind, raw, raw + n * (4 * (2 * cfg.hnsw_m + 1) + 12), 0, chunk)
     if kind not in ("ivfpq", "ivfpq+refine"):
         raise ValueError(f"estimate_index: unknown kind {kind!r}")
     nlist = max(1, min(cfg.ivf_nlist, n // 39))
     ksub = 2**cfg.pq_bits
     codes = n * (-(-cfg.pq_m * cfg.pq_bits // 8) + 8)  # PQ code + int64 id per passage
     centroids = 4 * dim * (nlist + ksub)
-    train = 4 * dim * min(n, 256 * max(nlist, ksub)) * 2  # the sample and its residuals
+    train = 4 * dim * min(n, max(TRAIN_PER_LIST * nlist, 39 * ksub)) * 2  # sample, residuals
     refine = n * dim * REFINE_BYTES[cfg.refine_store] if kind == "ivfpq+refine" else 0
     index = codes + centroids + refine
-    return IndexEstimate(kind, raw, index, train)
+    return IndexEstimate(kind, raw, index, train, chunk)
 
 
 def _configured(cfg: IndexConfig) -> str:

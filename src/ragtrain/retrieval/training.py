@@ -196,11 +196,14 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
             columns = list(dict.fromkeys(pids + [n for j in idx for n in negatives[j]]))
             mask = losses.false_negative_mask([gold[j] for j in idx], columns, targets)
         questions = [rows[j]["question"] for j in idx]
-        t = torch.tensor(targets)
+        dev = next(model.parameters()).device  # a GPU's, when the model was moved there
+        t = torch.tensor(targets, device=dev)
+        mask = None if mask is None else mask.to(dev)
         fn = loss.fn
         if loss.uses_teacher and teacher is not None:  # (B, P) logits, NaN: not scored
             own = [teacher[rows[j]["id"]] for j in idx]
-            scores = torch.tensor([[s.get(c, math.nan) for c in columns] for s in own])
+            scores = torch.tensor([[s.get(c, math.nan) for c in columns] for s in own],
+                                  device=dev)
             fn = functools.partial(fn, teacher=scores, weight=cfg.distill_weight,
                                    teacher_temperature=cfg.distill_temperature)
         if distributed.world_size() > 1:  # this rank's questions against all ranks' columns
