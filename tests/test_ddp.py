@@ -144,3 +144,37 @@ def test_a_stage_under_torchrun_writes_once_from_rank_0(tmp_path: Path, tiny_ber
                               filter_string="tags.`ragtrain.stage` = 'train-retriever'")
     assert len(runs) == 1
     assert runs.iloc[0]["tags.ragtrain.processes"] == "2"
+
+
+@pytest.mark.slow
+def test_build_index_encodes_in_shards_to_the_same_index(tmp_path: Path, tiny_bert_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAGTRAIN_NPROC_PER_NODE=2 `ragtrain build-index`: each process encodes half the passages
+    (with the embedding cache on: half of those missing from it), rank 0 joins and indexes
+    them: the embeddings of one process (fp32, to 1e-5) and the same search results."""
+    import numpy as np
+
+    from ragtrain import cli
+    from ragtrain.retrieval.index import load_index, search
+
+    (tmp_path / "params.yaml").write_text(
+        TINY_RETRIEVER_PARAMS.format(source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir)
+        + "tracking:\n  enabled: false\nindex:\n  embedding_cache: true\n")
+    monkeypatch.chdir(tmp_path)
+    for stage in ("fetch", "prepare", "build-bm25", "train-retriever", "build-index"):
+        assert cli.main([stage]) == 0
+    one = np.load(tmp_path / "artifacts/embeddings/embeddings.npy")
+    q = one[:3] + 0.01
+    want = search(load_index(tmp_path / "artifacts/index"), q, 5)[1]
+    for cached in (False, True):  # all encoded in 2 shards; then all from the cache
+        if not cached:
+            import shutil
+
+            shutil.rmtree(tmp_path / "cache")
+        monkeypatch.setenv("RAGTRAIN_NPROC_PER_NODE", "2")
+        r = run_cli(["build-index"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("built flat index") == 1
+        two = np.load(tmp_path / "artifacts/embeddings/embeddings.npy")
+        np.testing.assert_allclose(two, one, atol=1e-5)
+        assert search(load_index(tmp_path / "artifacts/index"), q, 5)[1] == want

@@ -29,7 +29,7 @@ from ragtrain.pipeline.registry import load_registered_rag
 def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> int | None:
     stage = stages.STAGES[args.stage]
     nproc = distributed.requested_processes()
-    if stage.resume and nproc > 1 and not distributed.under_torchrun():
+    if stage.multiprocess and nproc > 1 and not distributed.under_torchrun():
         return distributed.relaunch(nproc, ["-m", "ragtrain.cli", *args.argv])
     kwargs = {"resume": args.resume} if stage.resume else {}
     kwargs.update({o.dest: getattr(args, o.dest) for o in stage.options

@@ -166,6 +166,55 @@ def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(dtype)
 
 
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` (picklable) on rank 0, in rank order; None on the others."""
+    if not init():
+        return [obj]
+    import torch.distributed as dist
+
+    box: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
+class ShardedMap:
+    """``fn`` over a list, its items split across the ranks and the results joined on rank 0.
+
+    Rank 0 (the leader) calls the instance with the list, as often as it needs (the other ranks
+    do not know the lists: e.g. only the passages missing from an embedding cache); the other
+    ranks call ``follow()``, which serves every call until the leader's ``close()``. ``fn`` maps
+    a list to an array of one row per item; rows come back in the list's order. In one process
+    the instance is ``fn`` itself."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def _round(self, items: Sequence[Any]) -> Any:
+        import numpy as np
+
+        s = share(len(items))
+        part = self.fn(list(items[s.start:s.stop])) if len(s) else None
+        parts = gather_to_main(part)
+        if parts is None:
+            return None
+        return np.concatenate([p for p in parts if p is not None])
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        if not init():
+            return self.fn(items)
+        return self._round(broadcast(list(items)))
+
+    def close(self) -> None:
+        """Leader: release the followers."""
+        if init():
+            broadcast(None)
+
+    def follow(self) -> None:
+        """Non-zero ranks: take part in the leader's calls until it closes."""
+        while (items := broadcast(None)) is not None:
+            self._round(items)
+
+
 def sum_all(values: Sequence[float]) -> list[float]:
     """Element-wise sums over ranks (float64)."""
     import torch

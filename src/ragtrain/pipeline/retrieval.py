@@ -77,7 +77,7 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     """Encode the corpus with the trained passage tower -> artifacts/embeddings, artifacts/index."""
     import numpy as np
 
-    from ragtrain import runtime
+    from ragtrain import distributed, runtime
     from ragtrain.data.corpus import Corpus
     from ragtrain.retrieval.embedding_cache import encode_with_cache
     from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
@@ -91,10 +91,17 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     fp = model.fingerprint()
     bf16 = runtime.use_bf16(cfg.retriever.precision)
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode_here(texts: list[str]) -> np.ndarray:
         with runtime.autocast(bf16):
-            return model.encode_passages(texts, cfg.index.encode_batch_size, progress=True)
+            return model.encode_passages(texts, cfg.index.encode_batch_size,
+                                         progress=distributed.is_main())
 
+    # under torchrun (RAGTRAIN_NPROC_PER_NODE): each process encodes its share of the passages
+    # to encode, rank 0 joins them and alone caches, saves and indexes them
+    encode = distributed.ShardedMap(encode_here)
+    if not distributed.is_main():
+        encode.follow()
+        return paths.index
     if cfg.index.embedding_cache:  # opt-in: reuse unchanged passages' embeddings
         cache = embedding_cache(paths, fp, model.spec.pooling, bf16)
         emb, stats = encode_with_cache(passage_inputs(corpus.passages),
@@ -103,6 +110,7 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
               f"{stats.n_cached} from the embedding cache ({cache.dir})", file=sys.stderr)
     else:
         emb = encode(passage_inputs(corpus.passages))
+    encode.close()
     corpus_sha = sha256_file(paths.corpus)
     with atomic_path(paths.embeddings) as tmp:
         tmp.mkdir()

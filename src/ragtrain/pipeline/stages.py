@@ -72,10 +72,17 @@ class Stage:
     plots: tuple[Plot, ...] = ()
     log: LogFn | None = None  # what it leaves in its MLflow run besides the config
     resume: bool = False  # a training stage: --resume, per-step metrics (on_step)
+    # runs as RAGTRAIN_NPROC_PER_NODE processes under torchrun (also every training stage)
+    parallel: bool = False
     own_run: bool = False  # opens its MLflow run itself (only when it has work to log)
     extra_code: tuple[str, ...] = ()  # package files loaded by path, not imported
     comment: str = ""  # explains the stage in dvc.yaml
     options: tuple[Option, ...] = ()  # extra CLI options (not used by dvc.yaml's cmd)
+
+    @property
+    def multiprocess(self) -> bool:
+        """Whether RAGTRAIN_NPROC_PER_NODE > 1 relaunches it under torchrun."""
+        return self.parallel or self.resume
 
     @property
     def dvc_name(self) -> str:
@@ -208,7 +215,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("build-index", run_build_index, "encode the corpus and build the FAISS index",
           lambda c, p, out: f"built {c.index.kind} index {out}",
           params=("index",), deps=("data/prepared/corpus.jsonl", "artifacts/retriever"),
-          outs=("artifacts/embeddings", "artifacts/index"), log=log.log_build_index),
+          outs=("artifacts/embeddings", "artifacts/index"), log=log.log_build_index,
+          parallel=True),
     Stage("eval-retriever", run_eval_retriever,
           "recall@k / MRR / nDCG of BM25, untrained, trained, hybrid (and reranked) retrieval",
           _say_eval_retriever,
