@@ -275,6 +275,13 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class AbstentionConfig:  # "no answer" when the answer's score is below a threshold chosen on dev
+    enabled: bool = False
+    dev_questions: int = _f(300, ge=1)  # dev questions, answerable and made unanswerable
+    test_questions: int = _f(500, ge=1)  # test questions made unanswerable (correct abstentions)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True  # log every stage run to MLflow
     # sqlite store under mlruns/ (artifacts in mlruns/artifacts), or a server: http://host:5000
@@ -307,6 +314,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    abstention: AbstentionConfig = field(default_factory=AbstentionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 

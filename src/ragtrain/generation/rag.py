@@ -57,10 +57,12 @@ class Reading:
 
     answer_from: int = 1
     answer_weight: float = 0.0
+    # abstention: "no answer" when the answer's score is below this (chosen on dev); None: never
+    abstain_below: float | None = None
 
     @classmethod
-    def from_config(cls, gc: Any) -> Reading:
-        return cls(gc.answer_from, gc.answer_weight)
+    def from_config(cls, gc: Any, abstain_below: float | None = None) -> Reading:
+        return cls(gc.answer_from, gc.answer_weight, abstain_below)
 
 
 def reranker_fingerprint(reranker_dir: Path) -> str:
@@ -195,11 +197,14 @@ class RAGModel:
                             weight=self.reading.answer_weight, per_input=k,
                             batch_size=batch_size, bf16=runtime.use_bf16(self.precision))
         out = []
+        below = self.reading.abstain_below
         for q, h, p in zip(questions, hits, preds, strict=True):
+            no = below is not None and p.score < below  # abstention.enabled's dev threshold
             out.append({
-                "question": q, "answer": p.answer, "answer_score": p.score,
-                "answer_passage": h[p.passage][0] if 0 <= p.passage < len(h) else None,
-                "passages": self._passages(h)})
+                "question": q, "answer": "" if no else p.answer, "answer_score": p.score,
+                "answer_passage": h[p.passage][0] if 0 <= p.passage < len(h) and not no
+                else None, "passages": self._passages(h),
+                **({"abstained": no} if below is not None else {})})
         return out
 
 
@@ -224,7 +229,9 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
         "reranker": ({**to_dict(rerank or Rerank()),
                       "fingerprint": reranker_fingerprint(reranker_dir)}
                      if reranker_dir is not None else None),
-        "reading": (to_dict(reading or Reading()) if generator_dir is not None else None),
+        "reading": ({k: v for k, v in to_dict(reading or Reading()).items()
+                     if not (k == "abstain_below" and v is None)}  # no abstention: as before
+                    if generator_dir is not None else None),
         **(extra or {}),
     }
     if manifest["encoder_fingerprint"] != manifest["index_encoder_fingerprint"]:

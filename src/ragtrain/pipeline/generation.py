@@ -19,7 +19,7 @@ from typing import Any
 
 from ragtrain.config import Config, to_dict
 from ragtrain.errors import DataError, SourceError
-from ragtrain.io import atomic_path, atomic_write_json, sha256_file, write_jsonl
+from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
 from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved, read_retrieved_scores
 from ragtrain.pipeline.timing import record_timings
@@ -179,6 +179,8 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     record_timings(paths.timings, {"evaluate/answers_per_s":
                                    len(rows) / (time.perf_counter() - t0)})
     metrics = score(split, [p.answer for p in preds])
+    if cfg.abstention.enabled:  # calibrated on dev, reported on the split
+        metrics.update(_abstention(cfg, paths, gen, corpus, split, rows, preds, bf16, progress))
     if gc.answer_from > 1:  # the same generator reading only its first input, for comparison
         metrics.update(score(f"{split}/first_input", [p.answer for p in first]))
         metrics[f"{split}/answer_recall_at_{n_read}"] = sum(
@@ -223,6 +225,63 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     return metrics
 
 
+def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
+                rows: list[dict[str, Any]], preds: list[Any], bf16: bool,
+                progress: bool) -> dict[str, float]:
+    """abstention.enabled: the threshold on the answer score chosen on dev (its sampled
+    questions as retrieved, and searched without the dev articles), then ``{split}/abstain/*``:
+    the split's answers with it applied, and its questions searched without its articles."""
+    from ragtrain.evaluation.abstention import choose_threshold, report, sample_answered
+    from ragtrain.evaluation.answers import score_one
+    from ragtrain.generation.reading import answer_each
+
+    gc, k = cfg.generator, cfg.retriever.top_k
+
+    def ask(qs: list[dict[str, Any]], which: str) -> list[Any]:
+        if which.endswith("_unanswerable"):  # stage retrieve_unanswerable
+            f = paths.unanswerable / f"{which.removesuffix('_unanswerable')}.jsonl"
+            if not f.exists():
+                raise DataError(f"{f}: missing; abstention.enabled: run `ragtrain "
+                                "retrieve-unanswerable` (or dvc repro)")
+            lines = read_jsonl(f)
+            got = {x["id"]: x["passage_ids"] for x in lines}
+            sc = {x["id"]: x["scores"] for x in lines}
+        else:
+            got, sc = read_retrieved(paths, which), read_retrieved_scores(paths, which)
+        return answer_each(gen, [q["question"] for q in qs],
+                           [[corpus[p] for p in got[q["id"]][:k * gc.answer_from]] for q in qs],
+                           [sc[q["id"]] for q in qs], n=gc.answer_from,
+                           weight=gc.answer_weight, per_input=k,
+                           batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
+
+    dev = sample_answered(read_queries(paths, "dev"), cfg.abstention.dev_questions, cfg.seed)
+    if not dev:
+        raise DataError(f"{paths.queries('dev')}: abstention.enabled needs dev questions with "
+                        "answers to choose its threshold on")
+    answered = [(p.score, 100 * score_one(p.answer, q["answers"])["f1"])
+                for p, q in zip(ask(dev, "dev"), dev, strict=True)]
+    calibration = choose_threshold(answered, [p.score for p in ask(dev, "dev_unanswerable")])
+    unanswerable = sample_answered(rows, cfg.abstention.dev_questions if split == "dev"
+                                   else cfg.abstention.test_questions, cfg.seed)
+    per_q = [(p.score, *(100 * v for v in (s["em"], s["f1"])))
+             for p, q in zip(preds, rows, strict=True)
+             for s in [score_one(p.answer, q["answers"])]]
+    return report(split, calibration, per_q,
+                  [p.score for p in ask(unanswerable, f"{split}_unanswerable")])
+
+
+def _abstain_below(cfg: Config, paths: Paths) -> float | None:
+    """abstention.enabled: the threshold evaluate chose on dev (metrics/generator.json)."""
+    if not cfg.abstention.enabled:
+        return None
+    m = json.loads(paths.generator_metrics.read_text()) if paths.generator_metrics.exists() \
+        else {}
+    if "dev/abstain/threshold" not in m:
+        raise DataError(f"{paths.generator_metrics}: no dev/abstain/threshold; abstention.enabled "
+                        "is true: run `ragtrain evaluate` with it (or dvc repro)")
+    return float(m["dev/abstain/threshold"])
+
+
 def _write_evaluate_disabled(paths: Paths) -> dict[str, float]:
     """metrics/generator.json saying the generator was skipped, and an empty answer table."""
     metrics = {"generator/enabled": 0}
@@ -241,7 +300,7 @@ def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
 
     parts: dict[str, Any] = dict(paths.rag_parts())
     if parts.get("generator_dir") is not None:
-        parts["reading"] = Reading.from_config(cfg.generator)
+        parts["reading"] = Reading.from_config(cfg.generator, _abstain_below(cfg, paths))
     if cfg.reranker.enabled:
         if paths.reranker_disabled.exists():
             raise DataError(f"{paths.reranker_disabled}: reranker.enabled is true but no "

@@ -119,6 +119,11 @@ class Paths:
         return self.retrieved / f"{split}.jsonl"
 
     @property
+    def unanswerable(self) -> Path:
+        """abstention.enabled: dev / test questions searched without their articles."""
+        return self._p("artifacts/unanswerable")
+
+    @property
     def generator(self) -> Path:
         return self._p("artifacts/generator")
 

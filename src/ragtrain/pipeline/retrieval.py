@@ -243,6 +243,55 @@ def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
     return stats
 
 
+def run_retrieve_unanswerable(cfg: Config, paths: Paths) -> dict[str, float]:
+    """abstention.enabled: the sampled dev and test questions searched without their split's
+    articles (no passage answers them) -> artifacts/unanswerable/{dev,test}.jsonl (off: its
+    DISABLED.json only). The passages taken out are dropped from a first-stage list deeper by as
+    many, so what is left is the search of the reduced corpus (the hybrid's min-max
+    normalisation still saw them)."""
+    import numpy as np
+
+    from ragtrain.data.corpus import Corpus
+    from ragtrain.evaluation.abstention import removed_passages, sample_answered
+    from ragtrain.retrieval.search import Retriever
+
+    ab, rc, stats = cfg.abstention, cfg.retriever, {}
+    with atomic_path(paths.unanswerable) as out:
+        out.mkdir()
+        if not ab.enabled:
+            atomic_write_json(out / "DISABLED.json", {
+                "enabled": False, "reason": "abstention.enabled is false in params.yaml"})
+            return {"abstention/enabled": 0}
+        corpus = Corpus.load(paths.corpus)
+        reranker = _load_reranker(cfg, paths)
+        r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
+                           bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+        depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
+        for split, n in (("dev", ab.dev_questions), ("test", ab.test_questions)):
+            every = read_queries(paths, split)
+            rows = sample_answered(every, n, cfg.seed)
+            gone = removed_passages(every, corpus)
+            if not rows or len(gone) >= len(corpus.ids):
+                write_jsonl(out / f"{split}.jsonl", [])
+                continue
+            questions = [q["question"] for q in rows]
+            want = _search_depth(cfg, depth, len(corpus.ids) - len(gone))
+            scores, ids = r.search(questions, min(len(corpus.ids), want + len(gone)))
+            kept = [[(s, p) for s, p in zip(srow, irow, strict=False) if p not in gone][:want]
+                    for srow, irow in zip(scores, ids, strict=True)]
+            scores = np.array([[s for s, _ in row] for row in kept])
+            ids = [[p for _, p in row] for row in kept]
+            if reranker is not None:
+                scores, ids = _rerank(cfg, reranker, corpus, questions, scores, ids)
+            write_jsonl(out / f"{split}.jsonl", (
+                {"id": q["id"], "passage_ids": ids[i][:depth],
+                 "scores": [round(float(x), 6) for x in scores[i][:depth]]}
+                for i, q in enumerate(rows)))
+            stats[f"{split}/unanswerable/answer_recall_at_{rc.top_k}"] = _answer_recall(
+                rows, ids, corpus, rc.top_k)  # an answer string met by chance elsewhere
+    return {"abstention/enabled": 1, **stats}
+
+
 def _answer_recall(rows: list[dict[str, Any]], ids: list[list[str]], corpus: Any,
                    k: int) -> float:
     """The share of questions with an answer string in their top k passages (joined)."""

@@ -31,6 +31,7 @@ from ragtrain.pipeline.retrieval import (
     run_build_index,
     run_eval_retriever,
     run_retrieve,
+    run_retrieve_unanswerable,
     run_train_retriever,
 )
 from ragtrain.pipeline.timing import read_timings, record_timings
@@ -234,6 +235,19 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           outs=("artifacts/retrieved",), log=log.log_metrics,
           comment="the top passages of every question: what the generator trains and is "
                   "evaluated on"),
+    Stage("retrieve-unanswerable", run_retrieve_unanswerable,
+          "abstention.enabled: dev / test questions searched without their articles",
+          lambda c, p, m: f"unanswerable questions retrieved -> {p.unanswerable}: "
+                          + _fmt(m, ".4f") if m.get("abstention/enabled")
+          else f"abstention disabled -> {p.unanswerable}/DISABLED.json",
+          params=("seed", "abstention", "retriever.kind", "retriever.top_k",
+                  "retriever.hybrid", *_RERANK_PARAMS),
+          deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
+                "artifacts/reranker"),
+          outs=("artifacts/unanswerable",), log=log.log_metrics,
+          comment="abstention.enabled: sampled dev / test questions searched without their "
+                  "split's articles,\nwhat the threshold is chosen on (dev) and the correct "
+                  "abstentions are counted on (test);\noff: DISABLED.json only"),
     Stage("train-generator", run_train_generator,
           "fine-tune the generator by maximum likelihood on retrieved passages",
           lambda c, p, m: f"trained {c.generator.kind} generator -> {p.generator}: "
@@ -265,8 +279,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                   "(dev/test R@k, test EM/F1)\n" + _RESUME_NOTE),
     Stage("evaluate", run_evaluate,
           "EM / F1 / accuracy of the RAG model on the held-out split", _say_evaluate,
-          params=("seed", "evaluation.split", "retriever.top_k", "generator"),
-          deps=("data/prepared", "artifacts/retrieved", "artifacts/generator"),
+          params=("seed", "evaluation.split", "retriever.top_k", "generator", "abstention"),
+          deps=("data/prepared", "artifacts/retrieved", "artifacts/generator",
+                "artifacts/unanswerable"),
           outs=("artifacts/eval/generator_test.jsonl",), metrics=("metrics/generator.json",),
           log=log.log_evaluate, extra_code=("evaluation/rag_qa/rag_qa.py",)),
     Stage("package", run_package,
@@ -275,7 +290,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                            else f"retriever model bundle (no generator: ranked passages) -> "
                                 f"{p.bundle}") + (" (reranking)" if m.get("reranker") else ""),
           params=("retriever", "generator.precision", "generator.answer_from",
-                  "generator.answer_weight", "evaluation.split", *_RERANK_PARAMS),
+                  "generator.answer_weight", "evaluation.split", "abstention.enabled",
+                  *_RERANK_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/generator", "metrics/generator.json", "artifacts/reranker"),
           outs=("artifacts/rag",), log=log.log_package,

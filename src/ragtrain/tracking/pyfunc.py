@@ -84,6 +84,8 @@ def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
         "answer_passage": (None if answer.get("answer_passage") is None
                            else str(answer["answer_passage"])),  # the passage it comes from
         "passages": passages,
+        # a bundle with abstention: whether the answer is "" because its score was too low
+        **({"abstained": bool(answer["abstained"])} if "abstained" in answer else {}),
     }
 
 
@@ -146,9 +148,10 @@ def signature(kind: str = "rag") -> Any:
     outputs = [ColSpec("string", "question"), ColSpec("string", "answer"),
                ColSpec("double", "answer_score"),
                ColSpec("string", "answer_passage", required=False),
-               ColSpec(Array(passage), "passages")]
+               ColSpec(Array(passage), "passages"),
+               ColSpec("boolean", "abstained", required=False)]
     if kind == "retriever":
-        outputs = [outputs[0], outputs[-1]]
+        outputs = [outputs[0], outputs[4]]
     return ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "question")]),
         outputs=Schema(outputs),
