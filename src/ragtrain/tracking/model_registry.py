@@ -184,7 +184,8 @@ def registry_lock(cfg: TrackingConfig, name: str, *, root: Path = Path("."),
     The lock is the registered model ``<name>.promotion-lock``: creating a registered model is
     atomic in MLflow's store (a unique name, in sqlite or a server's database), so of two
     callers exactly one creates it; the other waits (up to ``wait_s``) and then refuses, naming
-    the holder. A lock older than ``stale_after_s`` (its holder crashed) is broken.
+    the holder. A lock older than ``stale_after_s`` (its holder crashed), or held by a process of
+    this host that no longer runs, is broken. Registering takes it too (``registry.register``).
     """
     import os
     import socket
@@ -204,7 +205,7 @@ def registry_lock(cfg: TrackingConfig, name: str, *, root: Path = Path("."),
         if not held:
             continue  # released between our two calls: try again
         since = float(held.get("since", "0") or 0)
-        if time.time() - since > stale_after_s:
+        if time.time() - since > stale_after_s or _dead_here(held.get("owner", "")):
             with contextlib.suppress(MlflowException):
                 mc.delete_registered_model(lock)  # its holder died: break it
             continue
@@ -220,6 +221,52 @@ def registry_lock(cfg: TrackingConfig, name: str, *, root: Path = Path("."),
     finally:
         with contextlib.suppress(MlflowException):
             mc.delete_registered_model(lock)
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether ``owner`` ("host:pid") is a process of this host that has ended."""
+    import os
+    import socket
+
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def sweep_orphans(cfg: TrackingConfig, name: str, components: Mapping[str, str], *,
+                  root: Path = Path(".")) -> list[tuple[str, str]]:
+    """Delete the component versions a failed registration left: no alias, and named by no
+    version of the RAG model ``name`` (its ``ragtrain.<component>_version`` tags). Call it
+    under ``registry_lock``, which every registration holds, so no registration is half-way.
+    ``components``: component -> registered model name. Returns what was deleted."""
+    from mlflow.exceptions import MlflowException
+
+    mc = client(cfg.uri, root)
+    gone: list[tuple[str, str]] = []
+    with mlflow_errors(f"look for versions a failed registration of {name!r} left"):
+        try:
+            rags = mc.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            rags = []
+        for component, model in components.items():
+            used = {str(v.tags.get(f"ragtrain.{component}_version")) for v in rags}
+            try:
+                aliased = {str(v) for v in (mc.get_registered_model(model).aliases or {}
+                                            ).values()}
+            except MlflowException:
+                continue  # no such model: nothing left behind
+            for v in mc.search_model_versions(f"name = '{model}'"):
+                if str(v.version) not in used and str(v.version) not in aliased:
+                    mc.delete_model_version(model, str(v.version))
+                    gone.append((model, str(v.version)))
+    return gone
 
 
 def _try_lock(mc: Any, lock: str, owner: str) -> dict[str, str] | None:

@@ -156,8 +156,23 @@ def register(run: tracking.RunHandle, rcfg: RegistryConfig, tcfg: TrackingConfig
     run.log_metrics(dict(metrics))
     run.set_tags(binding)
 
-    # 2. register, all or nothing
+    # 2. register, all or nothing, under the registry lock; first clear what a registration
+    # that died with the store left (its rollback could not reach the store)
     names = {c: component_name(name, c) for c in components} | {"rag": name}
+    with tracking.registry_lock(tcfg, name, root=root):
+        tracking.sweep_orphans(tcfg, name, {c: component_name(name, c) for c in COMPONENTS},
+                               root=root)
+        created = _register_all(run, tcfg, name, names, components, binding, metrics, root)
+    run.set_tags({"ragtrain.registered": f"{name}/{created['rag']}"})
+    return Registered(name, created.pop("rag"), run.run_id, created)
+
+
+def _register_all(run: tracking.RunHandle, tcfg: TrackingConfig, name: str,
+                  names: Mapping[str, str], components: Mapping[str, Sequence[Path]],
+                  binding: Mapping[str, str], metrics: Mapping[str, float],
+                  root: Path) -> dict[str, str]:
+    """The component versions, then the RAG version, then the aliases; on any failure the
+    versions created are deleted and the previous challengers restored."""
     before = {n: tracking.get_alias(tcfg, n, CHALLENGER, root=root) for n in names.values()}
     created: dict[str, str] = {}
     try:
@@ -179,8 +194,7 @@ def register(run: tracking.RunHandle, rcfg: RegistryConfig, tcfg: TrackingConfig
                     tracking.set_alias(tcfg, names[key], CHALLENGER, before[names[key]],
                                        root=root)
         raise
-    run.set_tags({"ragtrain.registered": f"{name}/{created['rag']}"})
-    return Registered(name, created.pop("rag"), run.run_id, created)
+    return created
 
 
 # --------------------------------------------------------------------------- promote
