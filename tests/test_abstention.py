@@ -84,7 +84,25 @@ def test_the_stages_choose_report_and_apply_a_threshold(tiny_rag_project: Path) 
     rag = RAGModel.load(p / "artifacts/rag")
     assert rag.reading.abstain_below == m["dev/abstain/threshold"]
     out = rag.answer(["What river is Paris on?"])[0]
-    assert out["abstained"] == (out["answer_score"] < rag.reading.abstain_below)
-    rag.reading = dataclasses.replace(rag.reading, abstain_below=0.0)  # log-probs are < 0
+    assert -1.0001 <= out["relevance"] <= 1.0001  # a cosine
+    assert out["abstained"] == (out["relevance"] < rag.reading.abstain_below)
+    rag.reading = dataclasses.replace(rag.reading, abstain_below=2.0)  # above any cosine
     out = rag.answer(["What river is Paris on?"])[0]
     assert out["abstained"] is True and out["answer"] == "" and out["answer_passage"] is None
+    rag.reading = dataclasses.replace(rag.reading, abstain_below=-2.0)
+    assert rag.answer(["What river is Paris on?"])[0]["abstained"] is False
+
+
+def test_relevance_is_the_cosine_of_the_two_embeddings() -> None:
+    import numpy as np
+
+    from ragtrain.evaluation.abstention import relevance
+
+    class Enc:  # unit vectors by hand
+        def encode_queries(self, texts: list, batch_size: int) -> np.ndarray:
+            return np.array([[1.0, 0.0], [0.0, 1.0]])
+
+        def encode_passages(self, texts: list, batch_size: int) -> np.ndarray:
+            return np.array([[0.6, 0.8], [0.0, -1.0]])
+
+    assert relevance(Enc(), ["a", "b"], ["x", "y"]) == pytest.approx([0.6, -1.0])

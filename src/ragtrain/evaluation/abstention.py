@@ -1,16 +1,20 @@
-"""Abstention: the RAG model answers "no answer" when its answer's score is below a threshold.
+"""Abstention: the RAG model answers "no answer" when no passage it reads matches the question.
+
+The signal is the bi-encoder's relevance of the first passage read: the cosine of the question's
+and the passage's embeddings (``relevance``). Measured on 300 dev questions, as retrieved and
+with their articles taken out of the corpus, it tells the two apart with AUC 0.93, where the
+generator's answer score (mean token log-probability) scores 0.53 (it copies a span from an
+unrelated passage as confidently) and the hybrid's fused score carries nothing (it is min-max
+normalised per question).
 
 The threshold is chosen on dev the way SQuAD 2.0's evaluation picks its best no-answer
 threshold: over a mixture of answerable questions (their passages as retrieved) and the same
 questions made unanswerable (their articles removed from the searched corpus), it maximises the
 mean per-question F1 where answering an answerable question scores its F1, abstaining on it 0,
-abstaining on an unanswerable question 100 and answering it 0. The score is the generator's
-mean log-probability of its answer's tokens (``Prediction.score``); the retrieval score is not
-used: the default hybrid fusion min-max normalises each question's candidates, so its top score
-says nothing about whether any passage holds an answer.
+abstaining on an unanswerable question 100 and answering it 0.
 
-Pure functions of scores and per-question F1; the evaluate stage feeds them and writes
-``{split}/abstain/*`` beside EM / F1.
+Pure functions of scores and per-question F1 (and ``relevance`` of an encoder); the evaluate
+stage feeds them and writes ``{split}/abstain/*`` beside EM / F1.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ def removed_passages(rows: Sequence[Mapping[str, Any]], corpus: Any) -> set[str]
     docs.discard("")
     docs.discard(None)
     return gold | {p.passage_id for p in corpus.passages if p.doc_id in docs}
+
+
+def relevance(encoder: Any, questions: Sequence[str], passages: Sequence[str], *,
+              bf16: bool = False, batch_size: int = 64) -> list[float]:
+    """The cosine of each question with its passage (the encoders' input text, e.g.
+    ``passage_inputs``) under the bi-encoder ``encoder`` (its embeddings are L2-normalised)."""
+    from ragtrain import runtime
+
+    with runtime.autocast(bf16):
+        q = encoder.encode_queries(list(questions), batch_size)
+        p = encoder.encode_passages(list(passages), batch_size)
+    return [float(x) for x in (q * p).sum(axis=1)]
 
 
 def abstains(score: float, threshold: float) -> bool:

@@ -198,14 +198,31 @@ class RAGModel:
                             batch_size=batch_size, bf16=runtime.use_bf16(self.precision))
         out = []
         below = self.reading.abstain_below
-        for q, h, p in zip(questions, hits, preds, strict=True):
-            no = below is not None and p.score < below  # abstention.enabled's dev threshold
+        rel: list[float | None] = [None] * len(questions)
+        if below is not None:  # abstention: the first passage's relevance under the bi-encoder
+            from ragtrain.evaluation.abstention import relevance
+            from ragtrain.retrieval.encoder import passage_inputs
+
+            rel = list(relevance(self._encoder(), questions,
+                                 passage_inputs([self.corpus[h[0][0]] for h in hits]),
+                                 bf16=runtime.use_bf16(self.precision)))
+        for q, h, p, r in zip(questions, hits, preds, rel, strict=True):
+            no = r is not None and below is not None and r < below  # the dev threshold
             out.append({
                 "question": q, "answer": "" if no else p.answer, "answer_score": p.score,
                 "answer_passage": h[p.passage][0] if 0 <= p.passage < len(h) and not no
                 else None, "passages": self._passages(h),
-                **({"abstained": no} if below is not None else {})})
+                **({"abstained": no, "relevance": r} if below is not None else {})})
         return out
+
+    def _encoder(self) -> Any:
+        """The bi-encoder (abstention's relevance): the retriever's own, else the bundle's."""
+        if self.retriever.encoder is None:
+            from ragtrain.errors import RetrievalError
+
+            raise RetrievalError("abstention needs the bi-encoder; this model retrieves with "
+                                 f"{self.retriever.kind!r} and has none loaded")
+        return self.retriever.encoder
 
 
 def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm25_dir: Path,

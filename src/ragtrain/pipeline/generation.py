@@ -228,16 +228,25 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
 def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
                 rows: list[dict[str, Any]], preds: list[Any], bf16: bool,
                 progress: bool) -> dict[str, float]:
-    """abstention.enabled: the threshold on the answer score chosen on dev (its sampled
-    questions as retrieved, and searched without the dev articles), then ``{split}/abstain/*``:
-    the split's answers with it applied, and its questions searched without its articles."""
-    from ragtrain.evaluation.abstention import choose_threshold, report, sample_answered
+    """abstention.enabled: the threshold on the first passage's relevance (the bi-encoder's
+    cosine) chosen on dev (its sampled questions as retrieved, and searched without the dev
+    articles), then ``{split}/abstain/*``: the split's answers with it applied, and its
+    questions searched without its articles (evaluation/abstention.py)."""
+    from ragtrain.evaluation.abstention import (
+        choose_threshold,
+        relevance,
+        report,
+        sample_answered,
+    )
     from ragtrain.evaluation.answers import score_one
     from ragtrain.generation.reading import answer_each
+    from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
 
     gc, k = cfg.generator, cfg.retriever.top_k
+    encoder = BiEncoder.load(paths.retriever)
 
-    def ask(qs: list[dict[str, Any]], which: str) -> list[Any]:
+    def ask(qs: list[dict[str, Any]], which: str) -> tuple[list[Any], list[float]]:
+        """The predictions and the relevance of each question's first passage."""
         if which.endswith("_unanswerable"):  # stage retrieve_unanswerable
             f = paths.unanswerable / f"{which.removesuffix('_unanswerable')}.jsonl"
             if not f.exists():
@@ -248,26 +257,30 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
             sc = {x["id"]: x["scores"] for x in lines}
         else:
             got, sc = read_retrieved(paths, which), read_retrieved_scores(paths, which)
+        rel = relevance(encoder, [q["question"] for q in qs],
+                        passage_inputs([corpus[got[q["id"]][0]] for q in qs]), bf16=bf16)
+        if which == split:  # the split's answers are already there
+            return [], rel
         return answer_each(gen, [q["question"] for q in qs],
                            [[corpus[p] for p in got[q["id"]][:k * gc.answer_from]] for q in qs],
                            [sc[q["id"]] for q in qs], n=gc.answer_from,
                            weight=gc.answer_weight, per_input=k,
-                           batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
+                           batch_size=gc.eval_batch_size, bf16=bf16, progress=progress), rel
 
     dev = sample_answered(read_queries(paths, "dev"), cfg.abstention.dev_questions, cfg.seed)
     if not dev:
         raise DataError(f"{paths.queries('dev')}: abstention.enabled needs dev questions with "
                         "answers to choose its threshold on")
-    answered = [(p.score, 100 * score_one(p.answer, q["answers"])["f1"])
-                for p, q in zip(ask(dev, "dev"), dev, strict=True)]
-    calibration = choose_threshold(answered, [p.score for p in ask(dev, "dev_unanswerable")])
+    dev_preds, dev_rel = ask(dev, "dev")
+    answered = [(r, 100 * score_one(p.answer, q["answers"])["f1"])
+                for p, r, q in zip(dev_preds, dev_rel, dev, strict=True)]
+    calibration = choose_threshold(answered, ask(dev, "dev_unanswerable")[1])
     unanswerable = sample_answered(rows, cfg.abstention.dev_questions if split == "dev"
                                    else cfg.abstention.test_questions, cfg.seed)
-    per_q = [(p.score, *(100 * v for v in (s["em"], s["f1"])))
-             for p, q in zip(preds, rows, strict=True)
+    per_q = [(r, *(100 * v for v in (s["em"], s["f1"])))
+             for p, r, q in zip(preds, ask(rows, split)[1], rows, strict=True)
              for s in [score_one(p.answer, q["answers"])]]
-    return report(split, calibration, per_q,
-                  [p.score for p in ask(unanswerable, f"{split}_unanswerable")])
+    return report(split, calibration, per_q, ask(unanswerable, f"{split}_unanswerable")[1])
 
 
 def _abstain_below(cfg: Config, paths: Paths) -> float | None:

@@ -281,7 +281,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "EM / F1 / accuracy of the RAG model on the held-out split", _say_evaluate,
           params=("seed", "evaluation.split", "retriever.top_k", "generator", "abstention"),
           deps=("data/prepared", "artifacts/retrieved", "artifacts/generator",
-                "artifacts/unanswerable"),
+                "artifacts/unanswerable", "artifacts/retriever"),
           outs=("artifacts/eval/generator_test.jsonl",), metrics=("metrics/generator.json",),
           log=log.log_evaluate, extra_code=("evaluation/rag_qa/rag_qa.py",)),
     Stage("package", run_package,

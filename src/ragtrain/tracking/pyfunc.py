@@ -85,7 +85,8 @@ def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
                            else str(answer["answer_passage"])),  # the passage it comes from
         "passages": passages,
         # a bundle with abstention: whether the answer is "" because its score was too low
-        **({"abstained": bool(answer["abstained"])} if "abstained" in answer else {}),
+        **({"abstained": bool(answer["abstained"]), "relevance": float(answer["relevance"])}
+           if "abstained" in answer else {}),
     }
 
 
@@ -149,7 +150,8 @@ def signature(kind: str = "rag") -> Any:
                ColSpec("double", "answer_score"),
                ColSpec("string", "answer_passage", required=False),
                ColSpec(Array(passage), "passages"),
-               ColSpec("boolean", "abstained", required=False)]
+               ColSpec("boolean", "abstained", required=False),
+               ColSpec("double", "relevance", required=False)]
     if kind == "retriever":
         outputs = [outputs[0], outputs[4]]
     return ModelSignature(
