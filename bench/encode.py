@@ -85,6 +85,13 @@ def export(tower: torch.nn.Module, tokenizer: object, out: Path, hidden: int,
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.t(input_ids=input_ids, attention_mask=attention_mask)
 
+    # eager attention exports as MatMul + Softmax, which the optimizer fuses into its Attention
+    # op (the SDPA export it does not recognise)
+    import copy
+
+    tower = copy.deepcopy(tower)  # the torch paths keep their own attention
+    if hasattr(tower.model, "set_attn_implementation"):
+        tower.model.set_attn_implementation("eager")
     enc = tokenizer(["a passage", "another, longer passage of text"], padding=True,
                     return_tensors="pt")
     raw = out / "tower.onnx"
@@ -106,7 +113,11 @@ def export(tower: torch.nn.Module, tokenizer: object, out: Path, hidden: int,
     except Exception as e:  # noqa: BLE001 (the plain export still runs)
         how = f"plain export (fusion failed: {type(e).__name__}: {e})"
     int8 = out / "tower_int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    import onnx
+
+    # the fused graph's contrib ops defeat shape inference: name the default tensor type
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return fp32, int8, how
 
 
