@@ -58,7 +58,6 @@ class OnnxTower:
 
     def encode(self, texts: list[str], max_length: int) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), 0), np.float32)
         rows: dict[int, np.ndarray] = {}
         for b in range(0, len(order), BATCH):
             idx = order[b:b + BATCH]

@@ -90,10 +90,10 @@ def main() -> int:
         from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
 
         cfg = dataclasses.replace(RetrieverConfig(), model_name=mdir)
+        from tests.ddp_worker import no_dropout
+
         model = BiEncoder.from_pretrained(EncoderSpec.from_config(cfg)).cuda().train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        no_dropout(model)  # the bf16 and fp32 losses compare the same function
         qs = [f"what is said of the river number {i}?" for i in range(8)]
         ps = [f"the river number {i} runs by the castle of the valley." for i in range(8)]
         t = torch.arange(8, device="cuda")
