@@ -128,6 +128,18 @@ def test_trainer_loss_fn_with_one_chunk_is_the_plain_one(tiny_bert_dir: Path, tm
         torch.testing.assert_close(g1[name], g0[name], **GRAD_TOL, msg=name)
 
 
+def test_grad_cache_under_torchrun_is_refused_by_key(tiny_bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtrain import distributed
+    from ragtrain.errors import ConfigError
+
+    corpus, train, _ = _toy(tmp_path)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="^retriever.grad_cache_chunk: does not run under"):
+        make_loss_fn(_model(tiny_bert_dir), corpus, train, [[] for _ in train],
+                     _cfg(tiny_bert_dir, grad_cache_chunk=4), seed=0, bf16=None)
+
+
 @pytest.mark.parametrize(("chunk", "dropout", "accum"), [(64, True, 1), (3, False, 2)])
 def test_training_steps_reach_the_same_weights(tiny_bert_dir: Path, tmp_path: Path,
                                                chunk: int, dropout: bool, accum: int) -> None:

@@ -79,3 +79,38 @@ def test_a_resumed_run_keeps_the_whole_per_step_log(tmp_path: Path) -> None:
     assert len(after_resume) == 6  # steps 7-12 were trained (and reported) again
     assert [h["step"] for h in resumed[0].steps] == list(range(1, 13))
     assert resumed[0].steps == full[0].steps
+
+
+def test_bert_encoders_train_with_eager_attention_and_infer_with_sdpa(tiny_bert_dir: Path
+                                                                       ) -> None:
+    """set_training switches a BERT-style encoder's SDPA attention to the eager one for
+    training steps and back for inference; both compute the same function; a model built with
+    another implementation keeps it; the optimizer is the fused AdamW."""
+    from transformers import AutoModel
+
+    from ragtrain.models import set_training
+    from ragtrain.trainer import build_optimizer
+
+    holder = torch.nn.ModuleDict({"enc": AutoModel.from_pretrained(tiny_bert_dir)})
+    enc = holder["enc"]
+    assert enc.config._attn_implementation == "sdpa"
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    set_training(holder, False)
+    with torch.no_grad():
+        sdpa = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    set_training(holder, True)
+    assert enc.training and enc.config._attn_implementation == "eager"
+    enc.eval()  # dropout off, the kernel left as the training mode chose it
+    with torch.no_grad():
+        eager = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-4)
+    set_training(holder, False)
+    assert not enc.training and enc.config._attn_implementation == "sdpa"
+
+    other = AutoModel.from_pretrained(tiny_bert_dir, attn_implementation="eager")
+    for mode in (True, False):
+        set_training(other, mode)
+        assert other.config._attn_implementation == "eager"
+    assert build_optimizer(enc, 1e-3, 0.01).defaults["fused"]

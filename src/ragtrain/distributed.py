@@ -146,7 +146,8 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """All ranks' ``share(n)`` rows of a (rows, d) tensor, concatenated in rank order -> (n, d),
+    """Each rank gives the rows of its ``work(n)`` items (rows, d); their ``share(n)`` rows
+    (none from a rank whose share is empty) are concatenated in rank order -> (n, d),
     differentiable: each rank's backward gets the summed gradient of all ranks for its rows."""
     if not init():
         return x

@@ -166,9 +166,9 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     passages = [[corpus[p] for p in retrieved[r["id"]][:n_read]] for r in rows]
     scores = [retrieval_scores[r["id"]] for r in rows]
 
-    def answer(g: Generator) -> tuple[list[Any], list[Any]]:
-        """(the kept answers, each question's answer to its first input)."""
-        per_q = read_inputs(g, questions, passages, n=gc.answer_from, per_input=k,
+    def answer(g: Generator, n: int = gc.answer_from) -> tuple[list[Any], list[Any]]:
+        """(the kept answers of ``n`` inputs, each question's answer to its first input)."""
+        per_q = read_inputs(g, questions, passages, n=n, per_input=k,
                             batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
         return (pick(per_q, scores, weight=gc.answer_weight, per_input=k),
                 [q[0] for q in per_q])
@@ -202,7 +202,7 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     del gen
     seed_everything(cfg.seed)  # the untrained generator's new heads: the same every run
     untrained = Generator.from_pretrained(gc)
-    u, _ = answer(untrained)
+    u, _ = answer(untrained, n=1)  # its top input only: it never stops before max_answer_tokens
     metrics.update(score(f"{split}/untrained", [p.answer for p in u]))
     rank = {}
     for r in rows:

@@ -17,7 +17,7 @@ import torch
 from ragtrain import distributed, runtime, trainer
 from ragtrain.config import RetrieverConfig
 from ragtrain.data.corpus import Corpus
-from ragtrain.errors import DataError
+from ragtrain.errors import ConfigError, DataError
 from ragtrain.retrieval import losses
 from ragtrain.retrieval.distill import TeacherScores, distill_negatives
 from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
@@ -186,8 +186,8 @@ def make_loss_fn(model: BiEncoder, corpus: Corpus, rows: Sequence[dict[str, Any]
     if loss.uses_teacher and teacher is None:
         raise ValueError(f"retriever.loss {cfg.loss!r} needs the teacher's scores")
     if cfg.grad_cache_chunk and distributed.world_size() > 1:
-        raise ValueError("retriever.grad_cache_chunk does not run under torchrun yet: set it "
-                         "to 0, or train in one process")
+        raise ConfigError("retriever.grad_cache_chunk: does not run under torchrun yet; set it "
+                          "to 0, or train in one process")
 
     def loss_fn(i: int) -> tuple[torch.Tensor, int]:
         pids, idx, targets = batches(i)
