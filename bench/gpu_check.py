@@ -1,9 +1,10 @@
 """The GPU check (``bench/gpu_check.sh`` runs it): what a CPU machine cannot test, in minutes.
 
 1. a retriever training step (the contrastive loss, the shared training loop) in bf16 autocast
-   on CUDA: the loss is finite, the weights move, and the step's loss matches fp32 on the same
-   batch to bf16's precision;
-2. a generator (copy kind) training step the same way;
+   on CUDA: the bi-encoder is built on the GPU (``runtime.device()``), the loss is finite, the
+   weights move, and the step's loss matches fp32 on the same batch to bf16's precision;
+2. a generator (copy kind) training step the same way, from a batch built on the CPU as the
+   stage builds it, then KV-cached answers on the GPU; the reranker built there scores pairs;
 3. faiss-gpu: flat and IVF-PQ indexes built on the GPU return the CPU index's top-k (flat: the
    same ids; IVF-PQ: recall@10 against the CPU's exact search within 0.02 of the CPU IVF-PQ's);
 4. DDP over nccl when there are 2+ GPUs: 2 processes reach 1 process's weights
@@ -92,7 +93,10 @@ def main() -> int:
         cfg = dataclasses.replace(RetrieverConfig(), model_name=mdir)
         from tests.ddp_worker import no_dropout
 
-        model = BiEncoder.from_pretrained(EncoderSpec.from_config(cfg)).cuda().train()
+        model = BiEncoder.from_pretrained(EncoderSpec.from_config(cfg))
+        place = next(model.parameters()).device
+        assert place.type == "cuda", f"the bi-encoder was built on {place}, not the GPU"
+        model.train()
         no_dropout(model)  # the bf16 and fp32 losses compare the same function
         qs = [f"what is said of the river number {i}?" for i in range(8)]
         ps = [f"the river number {i} runs by the castle of the valley." for i in range(8)]
@@ -122,18 +126,35 @@ def main() -> int:
 
         gen = Generator.from_pretrained(GeneratorConfig(model_name=mdir, max_source_tokens=96,
                                                         max_answer_tokens=8))
-        gen.model.cuda().train()
+        place = next(gen.model.parameters()).device
+        assert place.type == "cuda", f"the copy generator was built on {place}, not the GPU"
+        gen.model.train()
         exs = [Example(f"what is the river number {i}?",
                        [Passage(f"p{i}", "", f"the river number {i} is the seine.")], "the seine")
                for i in range(4)]
-        batch = {k: v.cuda() for k, v in gen.collate([gen.encode(x) for x in exs]).items()}
+        batch = gen.collate([gen.encode(x) for x in exs])  # on the CPU, as the stage builds it
         opt = torch.optim.AdamW(gen.model.parameters(), lr=1e-4)
         with runtime.autocast(torch.bfloat16):
             loss = gen.loss(batch)
         loss.backward()
         opt.step()
-        assert torch.isfinite(loss), loss
-        return f"loss {float(loss):.4f}"
+        assert loss.device.type == "cuda" and torch.isfinite(loss), loss
+        answers = [p.answer for p in gen.answer(exs, 4, bf16=True)]  # KV-cached decoding
+        return f"loss {float(loss):.4f}; answers {answers}"
+
+    @check("reranker on CUDA: built there, scores pairs")
+    def _reranker() -> str:
+        from ragtrain.retrieval.reranker import Reranker, RerankerSpec
+
+        rr = Reranker.from_pretrained(RerankerSpec(mdir, 128))
+        place = next(rr.parameters()).device
+        assert place.type == "cuda", f"the reranker was built on {place}, not the GPU"
+        logits = rr.forward_pairs(["what is the river?"] * 2,
+                                  ["the river is the seine.", "a castle."])
+        scores = rr.score(["what is the river?"], [["the river is the seine.", "a castle."]],
+                          bf16=True)
+        assert logits.device.type == "cuda" and torch.isfinite(logits).all(), logits
+        return f"logits {logits.tolist()}; scores {scores}"
 
     @check("faiss-gpu index build and search vs faiss-cpu")
     def _faiss() -> str:

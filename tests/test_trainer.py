@@ -25,6 +25,18 @@ def test_amp_dtype_by_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert runtime.amp_dtype("auto", cpu) == torch.bfloat16
 
 
+def test_models_are_placed_on_this_rank_gpu_or_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.device(): the CPU without CUDA; with it, GPU 0, or LOCAL_RANK's under torchrun
+    (models are built there before the process group exists, so not the current device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert runtime.device() == torch.device("cuda", 0)
+
+
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=g)

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ragtrain.generation.generator import Example, Generator, GeneratorError, Prediction
+from ragtrain import runtime
+from ragtrain.generation.generator import (
+    Example,
+    Generator,
+    GeneratorError,
+    GeneratorSpec,
+    Prediction,
+    on_device,
+)
 from ragtrain.generation.inputs import CopySource, build_copy_source, copy_target
 
 
@@ -129,7 +137,8 @@ class CopyGenerator(nn.Module):
         return log_pv, log_a, F.logsigmoid(gate), F.logsigmoid(-gate)
 
     def token_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(y_t | x, y_<t) of each target token (B,T)."""
+        """log p(y_t | x, y_<t) of each target token (B,T), on the model's device."""
+        batch = on_device(self, batch)
         hs, ht = self.states(batch["src"], batch["src_mask"], batch["tgt_in"], batch["tgt_mask"])
         log_pv, log_a, lg, lng = self.parts(hs, ht, batch["copyable"])
         y = batch["tgt_out"]
@@ -140,7 +149,7 @@ class CopyGenerator(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         lp = self.token_log_probs(batch)
-        m = batch["tgt_mask"].float()
+        m = batch["tgt_mask"].to(lp.device).float()
         return -(lp * m).sum() / m.sum().clamp(min=1)
 
 
@@ -148,6 +157,10 @@ class CopyBackend(Generator):
     """The ``copy`` kind: ``CopyGenerator`` on a BERT-style tokenizer ([CLS] / [SEP])."""
 
     model: CopyGenerator
+
+    def __init__(self, spec: GeneratorSpec, model: nn.Module, tok: Any) -> None:
+        super().__init__(spec, model, tok)
+        self.model.to(runtime.device())  # a GPU when there is one
 
     def _check_positions(self) -> None:
         need = self.spec.max_source_tokens + self.spec.max_answer_tokens + 1
@@ -256,24 +269,25 @@ class CopyBackend(Generator):
         batch = self.collate(encoded)
         lp = self.model.token_log_probs(batch)  # (N*k, T)
         n = len(examples)
-        return lp.view(n, k, -1), batch["tgt_mask"].view(n, k, -1)[:, 0].bool()
+        return lp.view(n, k, -1), batch["tgt_mask"].to(lp.device).view(n, k, -1)[:, 0].bool()
 
     # ------------------------------------------------------------------ answering
 
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
         model = self.model
         srcs: list[CopySource] = [e["src"] for e in chunk]
-        batch = self.collate([{"src": s, "tgt": []} for s in srcs])
+        batch = on_device(model, self.collate([{"src": s, "tgt": []} for s in srcs]))
         b = len(srcs)
         eos = self.tok.sep_token_id
         src, copyable = batch["src"], batch["copyable"]
-        done = torch.zeros(b, dtype=torch.bool)
-        logp_sum = torch.zeros(b)
-        n_tok = torch.zeros(b)
+        dev = src.device
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        logp_sum = torch.zeros(b, device=dev)
+        n_tok = torch.zeros(b, device=dev)
         cand = torch.zeros_like(copyable)  # (B,S): positions where the current span ends
         out_tokens: list[list[int]] = [[] for _ in range(b)]
         hs, h, cache = model.start(src, batch["src_mask"], self.tok.cls_token_id)
-        y = torch.zeros(b, dtype=torch.long)
+        y = torch.zeros(b, dtype=torch.long, device=dev)
         for step in range(self.spec.max_answer_tokens + 1):
             if step:
                 h, cache = model.step(y, cache, batch["src_mask"], step)

@@ -44,6 +44,12 @@ class GeneratorError(RagtrainError):
     """A generator checkpoint or input that cannot be used."""
 
 
+def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` on the device that holds ``model`` (batches are built on the CPU)."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
 @dataclass
 class Example:
     question: str

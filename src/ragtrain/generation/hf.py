@@ -22,14 +22,14 @@ from torch import nn
 from ragtrain import runtime
 from ragtrain.config import GeneratorConfig
 from ragtrain.generation import lora
-from ragtrain.generation.generator import Example, Generator, GeneratorSpec, Prediction
+from ragtrain.generation.generator import (
+    Example,
+    Generator,
+    GeneratorSpec,
+    Prediction,
+    on_device,
+)
 from ragtrain.generation.inputs import render_prompt
-
-
-def on_device(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` on the device that holds ``model`` (batches are built on the CPU)."""
-    dev = next(model.parameters()).device
-    return {k: v.to(dev) for k, v in batch.items()}
 
 
 class HFBackend(Generator):

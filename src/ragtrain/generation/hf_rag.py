@@ -37,8 +37,8 @@ from ragtrain.generation.generator import (
     GeneratorError,
     GeneratorSpec,
     Prediction,
+    on_device,
 )
-from ragtrain.generation.hf import on_device
 
 VARIANTS = {"token": "RagTokenForGeneration", "sequence": "RagSequenceForGeneration"}
 ABSENT = -1.0e4  # doc score of a padding passage (an example with fewer passages): p(z|x) ~ 0

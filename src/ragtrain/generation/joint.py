@@ -106,7 +106,7 @@ class JointRAG:
         k = min(self.cfg.top_k, len(self.passages.ids))
         top = self.passages.top(q.detach().float().cpu().numpy(), k)  # (B, k) rows
         if self.model.passage is None:
-            p = self.passages.emb[torch.tensor(top)]  # (B, k, D), fixed
+            p = self.passages.emb[torch.tensor(top)].to(q.device)  # (B, k, D), fixed
         else:  # live embeddings of the retrieved passages: the passage tower trains too
             enc = self.tokenizer([self.passage_texts[j] for row in top for j in row],
                                  padding=True, truncation=True,
@@ -129,7 +129,8 @@ class JointRAG:
         if not pairs:
             return q.sum() * 0.0
         qi, gi = zip(*pairs, strict=True)
-        cos = F.cosine_similarity(q[list(qi)].float(), self.passages.emb[list(gi)], dim=-1)
+        cos = F.cosine_similarity(q[list(qi)].float(),
+                                  self.passages.emb[list(gi)].to(q.device), dim=-1)
         return (1 - cos).mean()
 
     def retrieve(self, questions: Sequence[str], k: int, batch_size: int = 64

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ragtrain import runtime
 from ragtrain.config import RetrieverConfig
 from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
@@ -59,7 +60,10 @@ class Tower(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 **kw: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        dev = next(self.model.parameters()).device  # inputs are built on the CPU
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         **{k: v.to(dev) for k, v in kw.items()})
         return F.normalize(pool(out.last_hidden_state, attention_mask, self.pooling), dim=-1)
 
 
@@ -98,7 +102,7 @@ class BiEncoder(torch.nn.Module):
         except OSError as e:
             raise model_load_error(spec.base_model, e) from None
         return cls(Tower(q, spec.pooling), Tower(p, spec.pooling) if p is not None else None,
-                   tok, spec).eval()
+                   tok, spec).to(runtime.device()).eval()
 
     def save(self, out_dir: Path) -> None:
         """Atomically write the towers (safetensors), tokenizer and spec to ``out_dir``."""
@@ -129,7 +133,7 @@ class BiEncoder(torch.nn.Module):
                 f"{in_dir}: tokenizer vocabulary ({tok.vocab_size}) does not fit the model "
                 f"({q.config.vocab_size}); the checkpoint and tokenizer do not belong together")
         model = cls(Tower(q, spec.pooling), Tower(p, spec.pooling) if p is not None else None,
-                    tok, spec).eval()
+                    tok, spec).to(runtime.device()).eval()
         if saved_fp and model.fingerprint() != saved_fp:
             raise RagtrainError(f"{in_dir}: weights do not match the fingerprint saved with them "
                                 "(corrupted or edited); retrain or restore the retriever")

@@ -78,7 +78,7 @@ class Reranker(torch.nn.Module):
         except (OSError, ValueError) as e:
             raise model_load_error(spec.base_model, e) from None
         new = sorted(f"model.{k}" for k in info.get("missing_keys", ()))
-        return cls(model, tok, spec, new).eval()
+        return cls(model, tok, spec, new).to(runtime.device()).eval()
 
     def save(self, out_dir: Path) -> None:
         """Atomically write the model and tokenizer (one HF folder) and the spec to ``out_dir``."""
@@ -116,7 +116,7 @@ class Reranker(torch.nn.Module):
         if model.config.num_labels != 1:
             raise RagtrainError(f"{in_dir / MODEL_DIR}: a reranker has 1 output label, this "
                                 f"model has {model.config.num_labels}")
-        out = cls(model, tok, spec).eval()
+        out = cls(model, tok, spec).to(runtime.device()).eval()
         if saved_fp and out.fingerprint() != saved_fp:
             raise RagtrainError(f"{in_dir}: weights do not match the fingerprint saved with them "
                                 "(corrupted or edited); retrain or restore the reranker")
