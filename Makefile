@@ -49,11 +49,12 @@ demo: venv
 # The whole test suite, slow integration tests included (what CI runs). pytest-xdist runs
 # TEST_WORKERS test modules at a time (a module's tests and its module-scoped fixtures stay in
 # one worker): most slow tests are one-core chains of subprocesses and server starts, so two
-# workers fit 2 cores. TEST_WORKERS=0: one process, in file order.
+# workers fit 2 cores; the slowest modules start first (tests/conftest.py: MODULE_SECONDS).
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
-	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Everything but the slow integration tests.
 test-fast: venv
