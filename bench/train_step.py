@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -106,8 +107,6 @@ def generator_case(root: Path) -> tuple[Callable, float]:
     encoded: list = []
 
     def make() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor], dict[str, float]]:
-        import random
-
         gen = Generator.from_pretrained(gc)
         if not encoded:  # epoch 0's batches, as train_generator orders them
             rng = random.Random(cfg.seed * 7919)
