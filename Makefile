@@ -38,20 +38,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# jemalloc, when the system has it (Debian / Ubuntu: apt-get install libjemalloc2), is preloaded
-# for the pipeline: training batches change shape every step, and glibc's malloc maps and
-# zero-fills fresh pages for them each time (a 60-step train_generator run: 8.5M page faults,
-# 66-68 s; with jemalloc keeping freed pages: 0.78M, 52 s, the same losses). JEMALLOC= turns it
-# off; any path turns it on.
-JEMALLOC ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
-  /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
-JEMALLOC_CONF := oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1
-
 # The default pipeline: dvc repro under one MLflow run (then push data and outputs to the
-# DVC remote).
+# DVC remote). Each stage runs under jemalloc where the system has it (ragtrain/allocator.py;
+# RAGTRAIN_MALLOC=system turns it off).
 demo: venv
 	$(if $(DATA_SOURCE),ragtrain params set data.source=$(DATA_SOURCE))
-	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF=$(JEMALLOC_CONF)) ragtrain pipeline
+	ragtrain pipeline
 	dvc push -q || echo "dvc push failed: check the remote (dvc remote list)"
 	@echo; echo "metrics: metrics/*.json (dvc metrics show / dvc metrics diff); runs: make mlflow-ui; report: reports/report.html; promote the new @challenger: ragtrain promote"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtrain import distributed
+from ragtrain.allocator import reexec_with_jemalloc
 from ragtrain.config import (
     DEFAULT_PARAMS,
     Config,
@@ -28,6 +29,8 @@ from ragtrain.pipeline.registry import load_registered_rag
 
 def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> int | None:
     stage = stages.STAGES[args.stage]
+    if args.from_command_line:  # not when a caller (a test) runs main() in its own process
+        reexec_with_jemalloc(args.argv)  # returns unless the process restarts under jemalloc
     nproc = distributed.requested_processes()
     if stage.multiprocess and nproc > 1 and not distributed.under_torchrun():
         return distributed.relaunch(nproc, ["-m", "ragtrain.cli", *args.argv])
@@ -283,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a torchrun relaunch repeats
+    args.from_command_line = argv is None
     # MLflow logs at INFO (e.g. on creating the sqlite store): keep stderr for ragtrain's own
     # messages. MLflow sets its level from this variable when it is imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
