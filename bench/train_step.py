@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -95,7 +94,7 @@ def compare(name: str, make: Callable, lr: float, steps: int, rounds: int) -> No
 
 def generator_case(root: Path) -> tuple[Callable, float]:
     from ragtrain.generation.generator import Generator
-    from ragtrain.generation.training import length_grouped, make_examples
+    from ragtrain.generation.training import epoch_examples
 
     cfg = load_config(root / "params.yaml")
     paths = Paths(root)
@@ -109,13 +108,8 @@ def generator_case(root: Path) -> tuple[Callable, float]:
     def make() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor], dict[str, float]]:
         gen = Generator.from_pretrained(gc)
         if not encoded:  # epoch 0's batches, as train_generator orders them
-            rng = random.Random(cfg.seed * 7919)
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            exs = make_examples([rows[i] for i in order], retrieved, corpus,
-                                cfg.retriever.top_k, gold_share=gc.gold_share, rng=rng)
-            encoded.extend(length_grouped([gen.encode(x) for x in exs], gc.batch_size, rng,
-                                          length=gen.source_length))
+            encoded.extend(epoch_examples(gen, rows, retrieved, corpus, gc,
+                                          top_k=cfg.retriever.top_k, seed=cfg.seed, epoch=0))
 
         def loss(i: int) -> torch.Tensor:
             with runtime.autocast(amp):

@@ -63,7 +63,7 @@ def without_attention_dropout(config: Any) -> Any:
 
 # Attention kernel per mode, for BERT-style encoders on the CPU (bench/train_step.py, 2 cores,
 # bf16): training steps are faster with the eager (matmul) attention than with SDPA, whose CPU
-# backward with a padding mask is slow (copy generator 0.80 -> 0.70 s/step; bi-encoder 6-11%);
+# backward with a padding mask is slow (copy generator step 1.08x faster, bi-encoder 1.08x);
 # inference is faster with SDPA (copy decoding 84 vs 52 questions/s). The two compute the same
 # function; `set_training` switches between them with the module's mode.
 EAGER_TRAINING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")

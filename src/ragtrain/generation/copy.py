@@ -127,7 +127,9 @@ class CopyGenerator(nn.Module):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """log p_vocab (B,T,V), log copy attention over source (B,T,S), log g, log (1-g)."""
         emb = self.backbone.embeddings.word_embeddings.weight
-        logits = self.transform(ht) @ emb.t() + self.lm_bias
+        # F.linear(x, emb), not x @ emb.t(): autocast casts a weight once per context and reuses
+        # it, but a view (emb.t()) it casts anew at every decoding step (5.6 ms each on 2 cores)
+        logits = F.linear(self.transform(ht), emb) + self.lm_bias
         log_pv = F.log_softmax(logits.float(), -1)
         scores = (self.copy_q(ht) @ self.copy_k(hs).transpose(1, 2)).float()
         scores = scores / math.sqrt(hs.shape[-1])

@@ -63,6 +63,22 @@ def length_grouped(encoded: list[dict[str, Any]], batch_size: int, rng: random.R
     return [x for b in full + [b for b in batches if len(b) < batch_size] for x in b]
 
 
+def epoch_examples(gen: Generator, train_rows: Sequence[Mapping[str, Any]],
+                   retrieved: Mapping[str, Sequence[str]], corpus: Mapping[str, Passage],
+                   cfg: GeneratorConfig, *, top_k: int, seed: int, epoch: int
+                   ) -> list[dict[str, Any]]:
+    """The encoded training examples of ``epoch`` in the order ``train_generator`` reads them
+    (shuffled, gold passages forced in, length-grouped into batches), fixed by the seed and
+    the epoch."""
+    rng = random.Random(seed * 7919 + epoch)
+    order = list(range(len(train_rows)))
+    rng.shuffle(order)
+    exs = make_examples([train_rows[i] for i in order], retrieved, corpus, top_k,
+                        gold_share=cfg.gold_share, rng=rng)
+    return length_grouped([gen.encode(x) for x in exs], cfg.batch_size, rng,
+                          length=gen.source_length)
+
+
 def gold_examples(rows: Sequence[Mapping[str, Any]], corpus: Mapping[str, Passage]
                   ) -> list[Example]:
     """The gold passage alone (the contrast figure: generation without retrieval errors)."""
@@ -105,17 +121,11 @@ def train_generator(
     epochs: dict[int, list[dict[str, Any]]] = {}
 
     def epoch_data(e: int) -> list[dict[str, Any]]:
-        """Encoded, shuffled examples of epoch ``e`` (built once per epoch, from the seed)."""
+        """Epoch ``e``'s examples (built once per epoch)."""
         if e not in epochs:
             epochs.clear()
-            rng = random.Random(seed * 7919 + e)
-            order = list(range(len(train_rows)))
-            rng.shuffle(order)
-            rows = [train_rows[i] for i in order]
-            exs = make_examples(rows, retrieved, corpus, top_k, gold_share=cfg.gold_share,
-                                rng=rng)
-            epochs[e] = length_grouped([gen.encode(x) for x in exs], bs, rng,
-                                       length=gen.source_length)
+            epochs[e] = epoch_examples(gen, train_rows, retrieved, corpus, cfg, top_k=top_k,
+                                       seed=seed, epoch=e)
         return epochs[e]
 
     def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
