@@ -85,7 +85,8 @@ def test_unusable_setting_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(INSTALLED is None, reason="jemalloc is not installed (libjemalloc2)")
 def test_preloaded_environment_loads_jemalloc() -> None:
     """The environment the CLI re-executes under really maps jemalloc into a torch process."""
-    env = allocator.preload_env({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    env = allocator.preload_env({k: v for k, v in os.environ.items()
+                                 if k not in ("LD_PRELOAD", "RAGTRAIN_MALLOC")})
     assert env is not None
     code = ("import torch; torch.ones(1 << 20).sum(); "
             "print(any('jemalloc' in line for line in open('/proc/self/maps')))")
