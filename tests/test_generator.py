@@ -8,12 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragtrain.config import GeneratorConfig
+from ragtrain.config import GeneratorConfig, load_config
 from ragtrain.data.corpus import Passage
+from ragtrain.errors import ConfigError
 from ragtrain.generation.copy import CopyBackend
 from ragtrain.generation.generator import Example, Generator, GeneratorError
 from ragtrain.generation.hf import CausalBackend, Seq2SeqBackend
-from ragtrain.generation.inputs import build_copy_source, copy_target, fair_shares, render_prompt
+from ragtrain.generation.inputs import (
+    build_copy_source,
+    copy_target,
+    fair_shares,
+    render_prompt,
+    word_ends,
+)
+from tests.conftest import REPO
 
 PASSAGES = [Passage("p0", "Super_Bowl_50", "The Denver Broncos defeated the Carolina Panthers "
                                            "24–10 to win Super Bowl 50 at Levi's Stadium."),
@@ -140,6 +148,54 @@ def test_constrained_decoding_only_emits_passage_spans(tiny_bert_dir: Path) -> N
     texts = [p.text for p in PASSAGES]
     for p in preds:
         assert p.answer and any(p.answer in t for t in texts)
+
+
+def test_word_ends_never_split_a_word(tok) -> None:  # type: ignore[no-untyped-def]
+    text = "Homeschooling rose in the 1990s at Levi's Stadium."
+    src = build_copy_source(tok, "when?", [Passage("p", "", text)], 64, 16)
+    ends = word_ends(src)
+    assert len(ends) == len(src.ids)
+    for i, (p, _, t) in enumerate(src.spans):
+        if p < 0:
+            assert ends[i]  # [CLS], the question's [SEP], the passage's closing [SEP]
+            continue
+        q, s2, _ = src.spans[i + 1]
+        joined = q == p and s2 == t and text[t - 1].isalnum() and text[t].isalnum()
+        assert ends[i] == (not joined), (i, text[:t])
+    last = max(i for i, (p, _, _) in enumerate(src.spans) if p == 0)
+    assert ends[last]  # the passage's last token
+    levi = [i for i, (p, s, t) in enumerate(src.spans) if p == 0 and text[s:t].lower() == "levi"]
+    assert levi and ends[levi[0]]  # before the apostrophe: a span may end there
+
+
+def test_beam_search_with_one_beam_is_the_greedy_decoder(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir, num_beams=1)
+    assert isinstance(g, CopyBackend)
+    exs = [Example("who won?", PASSAGES), Example("what?", PASSAGES[1:]),
+           Example("where?", PASSAGES[::-1])]
+    greedy = g.answer(exs)
+    chunk = [g.encode(e, with_target=False) for e in exs]
+    with torch.no_grad():
+        beam = g._beam_batch(chunk, 1)
+    assert [p.answer for p in beam] == [p.answer for p in greedy]
+    assert [p.passage for p in beam] == [p.passage for p in greedy]
+    for a, b in zip(beam, greedy, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_beam_search_answers_are_whole_word_passage_spans(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir, num_beams=3)  # untrained: any answer must still be a span
+    assert g.spec.num_beams == 3
+    exs = [Example("who won?", PASSAGES), Example("what?", PASSAGES[1:])]
+    preds = g.answer(exs)
+    for p, ex in zip(preds, exs, strict=True):
+        text = ex.passages[p.passage].text
+        at = text.find(p.answer)
+        assert p.answer and at >= 0 and math.isfinite(p.score)
+        end = at + len(p.answer)
+        assert end == len(text) or not (text[end - 1].isalnum() and text[end].isalnum())
+    with pytest.raises(ConfigError, match="generator.num_beams"):
+        load_config(REPO / "params.yaml", {"generator.num_beams": 0})
 
 
 def causal_dir(tmp_path: Path, tiny_bert_dir: Path) -> Path:

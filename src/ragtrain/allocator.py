@@ -12,10 +12,16 @@ pipeline`` and the Prefect flow alike: they all run the stages as ``ragtrain`` c
 Debian's ``libjemalloc2``), ``system`` (glibc's malloc, no re-execution), or a path to a
 ``libjemalloc.so``. The allocator changes speed and memory only: the stage outputs are
 byte-identical either way (the reference run was checked both ways).
+
+Without decay jemalloc never returns a freed page, and the pages it keeps are not all reused:
+``train_generator`` over 10 epochs of 42 batches grew from 3 to 13 GB, and a 5-epoch run on
+SQuAD reached 23.9 GB by step 1,760. ``release_free_memory`` purges them; the training loop
+calls it at every checkpoint and after every dev evaluation (1.6-1.75 GB instead).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,6 +37,7 @@ JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,
 SEARCH = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
           "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
           "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+ALL_ARENAS = 4096  # jemalloc 5's MALLCTL_ARENAS_ALL
 
 
 def jemalloc_path(setting: str, search: Sequence[str] = SEARCH) -> str | None:
@@ -67,3 +74,14 @@ def reexec_with_jemalloc(argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "ragtrain.cli", *argv], env)
+
+
+def release_free_memory() -> bool:
+    """Hand the pages jemalloc keeps free back to the system (``arena.<all>.purge``); False,
+    and nothing done, where the process does not run under jemalloc."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (AttributeError, OSError, TypeError):  # glibc's malloc; a platform without dlopen
+        return False
+    return mallctl(f"arena.{ALL_ARENAS}.purge".encode(), None, None, None,
+                   ctypes.c_size_t(0)) == 0

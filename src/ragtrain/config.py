@@ -199,6 +199,7 @@ class GeneratorConfig:
     template: str = "question: {question}\ncontext: {context}\nanswer:"
     gold_share: float = _f(0.5, ge=0, le=1)  # training examples with the gold passage forced in
     decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
+    num_beams: int = _f(2, ge=1, le=16)  # copy, constrained: beam search width (1 = greedy)
     # answering: the generator reads answer_from inputs of retriever.top_k passages each (the
     # top_k best, the next top_k, ...) and keeps the answer with the best mean token log-prob +
     # answer_weight * the retrieval score of its input's first passage (1 = one input only)
@@ -211,10 +212,10 @@ class GeneratorConfig:
     weight_decay: float = _f(0.01, ge=0)
     warmup_ratio: float = _f(0.06, ge=0, lt=1)
     grad_clip: float = _f(1.0, ge=0)
-    epochs: int = _f(3, ge=1)
+    epochs: int = _f(5, ge=1)
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    eval_every: int = _f(400, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
+    eval_every: int = _f(418, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
     dev_questions: int = _f(300, ge=0)  # dev questions scored per evaluation; 0 = all
     checkpoint_every: int = _f(100, ge=1)
     early_stopping_patience: int = _f(0, ge=0)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from ragtrain import distributed
+from ragtrain.allocator import release_free_memory
 from ragtrain.io import atomic_path
 from ragtrain.models import set_training
 
@@ -276,6 +277,7 @@ def train_loop(
             if main:
                 set_training(model, False)
                 do_eval()
+                release_free_memory()  # what decoding left free (jemalloc keeps it otherwise)
                 set_training(model, True)
             if ddp is not None:  # rank 0's verdict (best, early stop) on every rank
                 (state.history, state.best_metric, state.best_step, state.evals_since_best,
@@ -285,6 +287,7 @@ def train_loop(
         if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
             if main:
                 save_checkpoint(last, model, opt, state, signature, scaler)
+            release_free_memory()  # bounded memory: jemalloc without decay keeps freed pages
             distributed.barrier()
     bar.close()
     return _end(model, state, best if evaluate else None)

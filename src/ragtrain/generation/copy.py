@@ -29,7 +29,7 @@ from ragtrain.generation.generator import (
     Prediction,
     on_device,
 )
-from ragtrain.generation.inputs import CopySource, build_copy_source, copy_target
+from ragtrain.generation.inputs import CopySource, build_copy_source, copy_target, word_ends
 
 
 class CopyGenerator(nn.Module):
@@ -276,10 +276,13 @@ class CopyBackend(Generator):
     # ------------------------------------------------------------------ answering
 
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
+        if decoding == "constrained" and self.spec.num_beams > 1:
+            return self._beam_batch(chunk, self.spec.num_beams)
         model = self.model
         srcs: list[CopySource] = [e["src"] for e in chunk]
         batch = on_device(model, self.collate([{"src": s, "tgt": []} for s in srcs]))
         b = len(srcs)
+        can_end = self._can_end(srcs, batch["src"])
         eos = self.tok.sep_token_id
         src, copyable = batch["src"], batch["copyable"]
         dev = src.device
@@ -302,8 +305,8 @@ class CopyBackend(Generator):
                     nxt[:, 1:] = cand[:, :-1] & copyable[:, 1:]
                 # the tokens at the allowed positions (scatter_add: repeated ids accumulate)
                 allowed = torch.zeros_like(lp).scatter_add_(1, src, nxt.float()) > 0
-                if step > 0:
-                    allowed[:, eos] = True
+                if step > 0:  # stop: only where a span may end (never inside a word)
+                    allowed[:, eos] = (cand & can_end).any(1)
                 if step == self.spec.max_answer_tokens:
                     allowed[:] = False
                     allowed[:, eos] = True
@@ -331,6 +334,93 @@ class CopyBackend(Generator):
             text, passage = self._copy_text(s, out_tokens[i], cand[i] if decoding ==
                                             "constrained" else None)
             preds.append(Prediction(text, float(logp_sum[i] / n_tok[i].clamp(min=1)), passage,
+                                    s.question_cut))
+        return preds
+
+    @staticmethod
+    def _can_end(srcs: Sequence[CopySource], like: torch.Tensor) -> torch.Tensor:
+        """(B,S) bool: a copied span may end at that position (``word_ends``)."""
+        return torch.tensor([word_ends(x) + [False] * (like.shape[1] - len(x.ids))
+                             for x in srcs], dtype=torch.bool, device=like.device)
+
+    def _beam_batch(self, chunk: list[dict[str, Any]], k: int) -> list[Prediction]:
+        """Constrained beam search: ``k`` passage-span hypotheses per source; the finished one
+        with the best mean token log-prob (EOS counted, as greedy scores) is kept. A source
+        stops once no live one can beat it: at best an extension scores sum / longest + 1."""
+        model, eos = self.model, self.tok.sep_token_id
+        srcs: list[CopySource] = [e["src"] for e in chunk]
+        batch = on_device(model, self.collate([{"src": s, "tgt": []} for s in srcs]))
+        b, longest = len(srcs), self.spec.max_answer_tokens
+        src, copyable, src_mask = batch["src"], batch["copyable"], batch["src_mask"]
+        hs, h, cache = model.start(src, src_mask, self.tok.cls_token_id)
+        lp = model.next_from_states(hs, h, src, copyable).float()
+        allowed = torch.zeros_like(lp).scatter_add_(1, src, copyable.float()) > 0
+        first_lp, first_tok = lp.masked_fill(~allowed, -math.inf).topk(k, -1)
+        can_end = self._can_end(srcs, src).repeat_interleave(k, 0)
+        src, copyable, src_mask, hs = (x.repeat_interleave(k, 0)
+                                       for x in (src, copyable, src_mask, hs))
+        cache.batch_repeat_interleave(k)
+        y, score = first_tok.flatten(), first_lp.flatten()
+        toks: list[list[int]] = [[int(t)] for t in y]
+        ends = copyable & (src == y[:, None])  # per hypothesis: where its span may end now
+        best: list[tuple[float, list[int], torch.Tensor] | None] = [None] * b
+        for step in range(1, longest + 1):
+            h, cache = model.step(y, cache, src_mask, step)
+            lp = model.next_from_states(hs, h, src, copyable).float()
+            nxt = torch.zeros_like(ends)
+            nxt[:, 1:] = ends[:, :-1] & copyable[:, 1:]
+            allowed = torch.zeros_like(lp).scatter_add_(1, src, nxt.float()) > 0
+            allowed[:, eos] = (ends & can_end).any(1) | (step == longest)
+            if step == longest:
+                allowed[:, :eos] = False
+                allowed[:, eos + 1:] = False
+            vocab = lp.shape[1]
+            total = (score[:, None] + lp.masked_fill(~allowed, -math.inf)).view(b, -1)
+            top, idx = total.topk(2 * k, -1)
+            rows, ys, scores = [], [], []
+            for i in range(b):
+                alive: list[tuple[int, int, float]] = []
+                for rank, (sc, j) in enumerate(zip(top[i].tolist(), idx[i].tolist(),
+                                                   strict=True)):
+                    if sc == -math.inf or (len(alive) == k and rank >= k):
+                        break
+                    row, t = i * k + j // vocab, j % vocab
+                    if t != eos:
+                        if len(alive) < k:
+                            alive.append((row, t, sc))
+                    elif rank < k:  # a finished hypothesis among the k best
+                        mean = sc / (len(toks[row]) + 1)
+                        if best[i] is None or mean > best[i][0]:  # type: ignore[index]
+                            best[i] = (mean, toks[row], ends[row].clone())
+                found = best[i]
+                if found is not None and all(a[2] / (longest + 1) <= found[0] for a in alive):
+                    alive = []  # no extension can beat the best finished answer
+                # a hypothesis keeps its parent's slot where it can, so the key/value cache is
+                # only reordered when a beam branches; free slots hold dead fillers
+                slots: list[tuple[int, int, float] | None] = [None] * k
+                later = []
+                for a in alive:
+                    if slots[a[0] - i * k] is None:
+                        slots[a[0] - i * k] = a
+                    else:
+                        later.append(a)
+                for j in (j for j in range(k) if slots[j] is None):
+                    slots[j] = later.pop() if later else (i * k + j, eos, -math.inf)
+                rows += [a[0] for a in slots]  # type: ignore[index]
+                ys += [a[1] for a in slots]  # type: ignore[index]
+                scores += [a[2] for a in slots]  # type: ignore[index]
+            score = torch.tensor(scores, device=src.device)
+            if bool((score == -math.inf).all()):
+                break
+            y = torch.tensor(ys, device=src.device)
+            if rows != list(range(b * k)):
+                cache.reorder_cache(torch.tensor(rows, device=src.device))
+            ends = nxt[rows] & (src[rows] == y[:, None])
+            toks = [toks[r] + [t] for r, t in zip(rows, ys, strict=True)]
+        preds = []
+        for s, found in zip(srcs, best, strict=True):  # None: the source has no passage token
+            text, passage = self._copy_text(s, found[1], found[2]) if found else ("", -1)
+            preds.append(Prediction(text, found[0] if found else -math.inf, passage,
                                     s.question_cut))
         return preds
 

@@ -82,11 +82,13 @@ class GeneratorSpec:
     tokenizer_sha256: str = ""
     gguf_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    num_beams: int = 1  # copy, constrained decoding (generator.json files before it: greedy)
 
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> GeneratorSpec:
         return cls(cfg.kind, cfg.model_name, cfg.max_source_tokens, cfg.max_question_tokens,
-                   cfg.max_answer_tokens, cfg.template, cfg.decoding, gguf_file=cfg.gguf_file)
+                   cfg.max_answer_tokens, cfg.template, cfg.decoding, gguf_file=cfg.gguf_file,
+                   num_beams=cfg.num_beams)
 
 
 def tokenizer_sha256(tok: Any) -> str:

@@ -40,6 +40,20 @@ class CopySource:
     question_cut: bool = False
 
 
+def word_ends(src: CopySource) -> list[bool]:
+    """Per source position: may a copied span end there? Not inside a word: where the next
+    token of the same passage continues it (no gap between them, letters or digits on both
+    sides), as "homeschool" + "##ing" or "1990" + "##s"; before punctuation it may."""
+    out = []
+    for i, (p, _, t) in enumerate(src.spans):
+        q, s2, _ = src.spans[i + 1] if i + 1 < len(src.spans) else (-1, 0, 0)
+        text = src.texts[p] if p >= 0 else ""
+        inside = (p >= 0 and q == p and s2 == t and 0 < t < len(text)
+                  and text[t - 1].isalnum() and text[t].isalnum())
+        out.append(not inside)
+    return out
+
+
 def clean_title(title: str) -> str:
     """The title as prompt text: underscores (SQuAD article names) become spaces."""
     return title.replace("_", " ").strip()
