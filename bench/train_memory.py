@@ -43,15 +43,16 @@ def child(root: Path, questions: int, epochs: int, purge: bool) -> None:
     from ragtrain.data.corpus import Corpus
     from ragtrain.generation.generator import Generator
     from ragtrain.generation.training import epoch_examples
-    from ragtrain.io import read_jsonl
+    from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved
     from ragtrain.trainer import build_optimizer
 
     cfg = load_config(root / "params.yaml")
     gc = cfg.generator
-    gen = Generator.load(root / "artifacts/generator")
-    corpus = Corpus.load(root / "data/prepared/corpus.jsonl")
-    rows = list(read_jsonl(root / "data/prepared/train.jsonl"))[:questions]
-    ret = {r["id"]: r["passage_ids"] for r in read_jsonl(root / "artifacts/retrieved/train.jsonl")}
+    paths = Paths(root)
+    gen = Generator.load(paths.generator)
+    corpus = Corpus.load(paths.corpus)
+    rows = read_queries(paths, "train")[:questions]
+    ret = read_retrieved(paths, "train")
     model = gen.model
     model.train()
     opt = build_optimizer(model, gc.lr, gc.weight_decay)
