@@ -278,33 +278,24 @@ class CopyBackend(Generator):
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
         if decoding == "constrained" and self.spec.num_beams > 1:
             return self._beam_batch(chunk, self.spec.num_beams)
-        model = self.model
-        srcs: list[CopySource] = [e["src"] for e in chunk]
-        batch = on_device(model, self.collate([{"src": s, "tgt": []} for s in srcs]))
-        b = len(srcs)
-        can_end = self._can_end(srcs, batch["src"])
-        eos = self.tok.sep_token_id
-        src, copyable = batch["src"], batch["copyable"]
-        dev = src.device
+        model, eos = self.model, self.tok.sep_token_id
+        srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
+        b, src, copyable, dev = len(srcs), batch["src"], batch["copyable"], batch["src"].device
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         logp_sum = torch.zeros(b, device=dev)
         n_tok = torch.zeros(b, device=dev)
         cand = torch.zeros_like(copyable)  # (B,S): positions where the current span ends
         out_tokens: list[list[int]] = [[] for _ in range(b)]
-        hs, h, cache = model.start(src, batch["src_mask"], self.tok.cls_token_id)
         y = torch.zeros(b, dtype=torch.long, device=dev)
         for step in range(self.spec.max_answer_tokens + 1):
             if step:
                 h, cache = model.step(y, cache, batch["src_mask"], step)
             lp = model.next_from_states(hs, h, src, copyable).float()
             if decoding == "constrained":
-                if step == 0:
-                    nxt = copyable
-                else:
-                    nxt = torch.zeros_like(cand)
+                nxt = copyable if step == 0 else torch.zeros_like(cand)
+                if step:
                     nxt[:, 1:] = cand[:, :-1] & copyable[:, 1:]
-                # the tokens at the allowed positions (scatter_add: repeated ids accumulate)
-                allowed = torch.zeros_like(lp).scatter_add_(1, src, nxt.float()) > 0
+                allowed = self._tokens_at(lp, src, nxt)
                 if step > 0:  # stop: only where a span may end (never inside a word)
                     allowed[:, eos] = (cand & can_end).any(1)
                 if step == self.spec.max_answer_tokens:
@@ -337,26 +328,35 @@ class CopyBackend(Generator):
                                     s.question_cut))
         return preds
 
+    def _start(self, chunk: list[dict[str, Any]]
+               ) -> tuple[list[CopySource], dict[str, torch.Tensor], torch.Tensor, Any]:
+        """Greedy's and beam search's start: sources, batch, where a span may end ((B,S)
+        bool, ``word_ends``) and ``model.start``'s states, first hidden state and cache."""
+        srcs: list[CopySource] = [e["src"] for e in chunk]
+        batch = on_device(self.model, self.collate([{"src": s, "tgt": []} for s in srcs]))
+        src = batch["src"]
+        can_end = torch.tensor([word_ends(x) + [False] * (src.shape[1] - len(x.ids))
+                                for x in srcs], dtype=torch.bool, device=src.device)
+        return srcs, batch, can_end, self.model.start(src, batch["src_mask"],
+                                                      self.tok.cls_token_id)
+
     @staticmethod
-    def _can_end(srcs: Sequence[CopySource], like: torch.Tensor) -> torch.Tensor:
-        """(B,S) bool: a copied span may end at that position (``word_ends``)."""
-        return torch.tensor([word_ends(x) + [False] * (like.shape[1] - len(x.ids))
-                             for x in srcs], dtype=torch.bool, device=like.device)
+    def _tokens_at(lp: torch.Tensor, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B,V) bool: the ids found at ``positions`` ((B,S) bool) of ``src`` (scatter_add)."""
+        return torch.zeros_like(lp).scatter_add_(1, src, positions.float()) > 0
 
     def _beam_batch(self, chunk: list[dict[str, Any]], k: int) -> list[Prediction]:
         """Constrained beam search: ``k`` passage-span hypotheses per source; the finished one
         with the best mean token log-prob (EOS counted, as greedy scores) is kept. A source
-        stops once no live one can beat it: at best an extension scores sum / longest + 1."""
+        stops once no live one can beat it: at best an extension scores sum / (longest + 1)."""
         model, eos = self.model, self.tok.sep_token_id
-        srcs: list[CopySource] = [e["src"] for e in chunk]
-        batch = on_device(model, self.collate([{"src": s, "tgt": []} for s in srcs]))
+        srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
         b, longest = len(srcs), self.spec.max_answer_tokens
         src, copyable, src_mask = batch["src"], batch["copyable"], batch["src_mask"]
-        hs, h, cache = model.start(src, src_mask, self.tok.cls_token_id)
         lp = model.next_from_states(hs, h, src, copyable).float()
-        allowed = torch.zeros_like(lp).scatter_add_(1, src, copyable.float()) > 0
-        first_lp, first_tok = lp.masked_fill(~allowed, -math.inf).topk(k, -1)
-        can_end = self._can_end(srcs, src).repeat_interleave(k, 0)
+        first_lp, first_tok = lp.masked_fill(~self._tokens_at(lp, src, copyable),
+                                             -math.inf).topk(k, -1)
+        can_end = can_end.repeat_interleave(k, 0)
         src, copyable, src_mask, hs = (x.repeat_interleave(k, 0)
                                        for x in (src, copyable, src_mask, hs))
         cache.batch_repeat_interleave(k)
@@ -369,7 +369,7 @@ class CopyBackend(Generator):
             lp = model.next_from_states(hs, h, src, copyable).float()
             nxt = torch.zeros_like(ends)
             nxt[:, 1:] = ends[:, :-1] & copyable[:, 1:]
-            allowed = torch.zeros_like(lp).scatter_add_(1, src, nxt.float()) > 0
+            allowed = self._tokens_at(lp, src, nxt)
             allowed[:, eos] = (ends & can_end).any(1) | (step == longest)
             if step == longest:
                 allowed[:, :eos] = False
