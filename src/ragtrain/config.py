@@ -204,7 +204,7 @@ class GeneratorConfig:
     # top_k best, the next top_k, ...) and keeps the answer with the best mean token log-prob +
     # answer_weight * the retrieval score of its input's first passage (1 = one input only)
     answer_from: int = _f(3, ge=1)
-    answer_weight: float = _f(3.0, ge=0)
+    answer_weight: float = _f(2.0, ge=0)
     batch_size: int = _f(16, ge=1)
     grad_accum_steps: int = _f(1, ge=1)
     lr: float = _f(1.0e-4, gt=0)
@@ -216,7 +216,7 @@ class GeneratorConfig:
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = _f(418, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
-    dev_questions: int = _f(300, ge=0)  # dev questions scored per evaluation; 0 = all
+    dev_questions: int = _f(0, ge=0)  # dev questions scored per evaluation; 0 = all
     checkpoint_every: int = _f(100, ge=1)
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(32, ge=1)

@@ -10,6 +10,7 @@ generator on the questions that have answers and counts the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -206,8 +207,10 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     metrics.update(score(f"{split}/baseline_window", base))
     del gen
     seed_everything(cfg.seed)  # the untrained generator's new heads: the same every run
-    untrained = Generator.from_pretrained(gc)
-    u, _ = answer(untrained, n=1)  # its top input only: it never stops before max_answer_tokens
+    # its top input only, greedy: it never stops before max_answer_tokens, so beams would only
+    # spend time (a baseline's floor, not a decoder comparison)
+    untrained = Generator.from_pretrained(dataclasses.replace(gc, num_beams=1))
+    u, _ = answer(untrained, n=1)
     metrics.update(score(f"{split}/untrained", [p.answer for p in u]))
     rank = {}
     for r in rows:
