@@ -115,15 +115,16 @@ class CopyGenerator(nn.Module):
         return out.last_hidden_state, out.cache
 
     def next_from_states(self, hs: torch.Tensor, h: torch.Tensor, src: torch.Tensor,
-                         copyable: torch.Tensor) -> torch.Tensor:
-        """log p(next token) over the vocabulary (B,V) from the last target state h (B,1,H)."""
-        log_pv, log_a, lg, lng = self.parts(hs, h, copyable)
+                         copyable: torch.Tensor, keys: Any = None) -> torch.Tensor:
+        """log p(next token) over the vocabulary (B,V) from the last target state h (B,1,H);
+        ``keys``: ``copy_k(hs)``, computed once per decoding by the caller (else here)."""
+        log_pv, log_a, lg, lng = self.parts(hs, h, copyable, keys)
         a = (log_a[:, 0].exp() * copyable).float()
         p_copy = torch.zeros_like(log_pv[:, 0]).scatter_add_(1, src, a)
         p = lg.exp()[:, 0, None] * log_pv[:, 0].exp() + lng.exp()[:, 0, None] * p_copy
         return torch.log(p.clamp(min=1e-30))
 
-    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor
+    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor, keys: Any = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """log p_vocab (B,T,V), log copy attention over source (B,T,S), log g, log (1-g)."""
         emb = self.backbone.embeddings.word_embeddings.weight
@@ -131,7 +132,8 @@ class CopyGenerator(nn.Module):
         # it, but a view (emb.t()) it casts anew at every decoding step (5.6 ms each on 2 cores)
         logits = F.linear(self.transform(ht), emb) + self.lm_bias
         log_pv = F.log_softmax(logits.float(), -1)
-        scores = (self.copy_q(ht) @ self.copy_k(hs).transpose(1, 2)).float()
+        scores = (self.copy_q(ht) @ (self.copy_k(hs) if keys is None else keys).transpose(1, 2)
+                  ).float()
         scores = scores / math.sqrt(hs.shape[-1])
         scores = scores.masked_fill(~copyable[:, None, :], -1e4)  # finite: no NaN without copyables
         log_a = F.log_softmax(scores, -1)
@@ -282,15 +284,15 @@ class CopyBackend(Generator):
         srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
         b, src, copyable, dev = len(srcs), batch["src"], batch["copyable"], batch["src"].device
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        logp_sum = torch.zeros(b, device=dev)
-        n_tok = torch.zeros(b, device=dev)
+        logp_sum, n_tok = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
         cand = torch.zeros_like(copyable)  # (B,S): positions where the current span ends
         out_tokens: list[list[int]] = [[] for _ in range(b)]
         y = torch.zeros(b, dtype=torch.long, device=dev)
+        keys = model.copy_k(hs)  # the copy head's source keys: once, not at every step
         for step in range(self.spec.max_answer_tokens + 1):
             if step:
                 h, cache = model.step(y, cache, batch["src_mask"], step)
-            lp = model.next_from_states(hs, h, src, copyable).float()
+            lp = model.next_from_states(hs, h, src, copyable, keys).float()
             if decoding == "constrained":
                 nxt = copyable if step == 0 else torch.zeros_like(cand)
                 if step:
@@ -337,8 +339,7 @@ class CopyBackend(Generator):
         src = batch["src"]
         can_end = torch.tensor([word_ends(x) + [False] * (src.shape[1] - len(x.ids))
                                 for x in srcs], dtype=torch.bool, device=src.device)
-        return srcs, batch, can_end, self.model.start(src, batch["src_mask"],
-                                                      self.tok.cls_token_id)
+        return srcs, batch, can_end, self.model.start(src, batch["src_mask"], self.tok.cls_token_id)
 
     @staticmethod
     def _tokens_at(lp: torch.Tensor, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -360,13 +361,14 @@ class CopyBackend(Generator):
         src, copyable, src_mask, hs = (x.repeat_interleave(k, 0)
                                        for x in (src, copyable, src_mask, hs))
         cache.batch_repeat_interleave(k)
+        keys = model.copy_k(hs)  # once per batch (a source's beams never change its keys)
         y, score = first_tok.flatten(), first_lp.flatten()
         toks: list[list[int]] = [[int(t)] for t in y]
         ends = copyable & (src == y[:, None])  # per hypothesis: where its span may end now
         best: list[tuple[float, list[int], torch.Tensor] | None] = [None] * b
         for step in range(1, longest + 1):
             h, cache = model.step(y, cache, src_mask, step)
-            lp = model.next_from_states(hs, h, src, copyable).float()
+            lp = model.next_from_states(hs, h, src, copyable, keys).float()
             nxt = torch.zeros_like(ends)
             nxt[:, 1:] = ends[:, :-1] & copyable[:, 1:]
             allowed = self._tokens_at(lp, src, nxt)
