@@ -13,9 +13,6 @@ for k, v in {
     "HF_EVALUATE_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DVC_NO_ANALYTICS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-    # stage commands stay in the process the test started (the fault hook and the process
-    # checks find them by their command line); tests/test_allocator.py covers the re-execution
-    "RAGTRAIN_MALLOC": "system",
 }.items():
     os.environ.setdefault(k, v)
 
