@@ -35,7 +35,12 @@ from ragtrain.evaluation.answers import normalize_answer, score_answers  # noqa:
 from ragtrain.generation.copy import CopyBackend  # noqa: E402
 from ragtrain.generation.generator import Generator, Prediction  # noqa: E402
 from ragtrain.generation.reading import pick, read_inputs  # noqa: E402
-from ragtrain.io import read_jsonl  # noqa: E402
+from ragtrain.pipeline.paths import (  # noqa: E402
+    Paths,
+    read_queries,
+    read_retrieved,
+    read_retrieved_scores,
+)
 
 
 def vote(per_q: list[list[Prediction]], scores: list[list[float]], weight: float) -> list[str]:
@@ -60,17 +65,17 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.root / "params.yaml")
     gc = cfg.generator
-    gen = Generator.load(args.root / "artifacts/generator")
+    gen = Generator.load(Paths(args.root).generator)
     if not isinstance(gen, CopyBackend):
         raise SystemExit("bench/decoding.py: the run's generator is not the copy kind")
-    corpus = Corpus.load(args.root / "data/prepared/corpus.jsonl")
-    rows = [r for r in read_jsonl(args.root / f"data/prepared/{args.split}.jsonl")
-            if r.get("answers")]
+    paths = Paths(args.root)
+    corpus = Corpus.load(paths.corpus)
+    rows = [r for r in read_queries(paths, args.split) if r.get("answers")]
     rows = rows[:args.limit] if args.limit else rows
-    ret = {r["id"]: r for r in read_jsonl(args.root / f"artifacts/retrieved/{args.split}.jsonl")}
+    ret, ret_scores = read_retrieved(paths, args.split), read_retrieved_scores(paths, args.split)
     questions = [r["question"] for r in rows]
-    passages = [[corpus[p] for p in ret[r["id"]]["passage_ids"][:3]] for r in rows]
-    scores = [ret[r["id"]]["scores"][:3] for r in rows]
+    passages = [[corpus[p] for p in ret[r["id"]][:3]] for r in rows]
+    scores = [ret_scores[r["id"]][:3] for r in rows]
     refs = [r["answers"] for r in rows]
     bf16 = runtime.use_bf16(gc.precision)
     print(f"{args.split}: {len(rows)} questions, top 3 passages each, answer_weight "
