@@ -53,7 +53,7 @@ def seed_cache(cfg, paths: Paths, root: Path, corpus: Corpus) -> bool:  # noqa: 
         return False
     emb = np.load(root / "artifacts" / "embeddings" / "embeddings.npy")
     cache = embedding_cache(paths, fp, model.spec.pooling,
-                            runtime.use_bf16(cfg.retriever.precision))
+                            "bf16" if runtime.use_bf16(cfg.retriever.precision) else "fp32")
     cache.save([passage_key(t, model.spec.passage_max_length)
                 for t in passage_inputs(corpus.passages)], emb)
     return True

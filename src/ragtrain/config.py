@@ -32,9 +32,8 @@ def _f(default: Any, **checks: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A local path (file or folder) or an http(s) URL, or a list of them: mirrors of the same
-    # file, tried in order (the first that exists or downloads is used; sha256 pins all of them).
-    # Relative paths are relative to the repo root.
+    # A local path (file or folder; relative to the repo root) or an http(s) URL, or a list of
+    # them: mirrors of one file, tried in order (the first found or downloaded; sha256 pins all).
     source: str | list[str] = SQUAD_V11_DEV_URL
     # Pinned sha256 of the file, or of its decompressed payload (.gz, one-member .zip); "" = none.
     sha256: str = _f(SQUAD_V11_DEV_SHA256, pattern=r"^([0-9a-f]{64})?$")
@@ -74,8 +73,7 @@ class HybridConfig:
 
 @dataclass(frozen=True)
 class RetrieverConfig:
-    # The bundled copy offline ("all-MiniLM-L6-v2"), a local folder, or any hub name online.
-    model_name: str = "all-MiniLM-L6-v2"
+    model_name: str = "all-MiniLM-L6-v2"  # the bundled copy offline; a folder or hub name online
     pooling: Literal["mean", "cls"] = "mean"
     shared_encoder: bool = True  # False: separate query / passage towers (DPR style)
     query_max_length: int = _f(64, ge=8)
@@ -96,8 +94,8 @@ class RetrieverConfig:
     questions_per_passage: int = _f(4, ge=1)  # questions sharing a passage's column per step
     group_by_document: int = _f(8, ge=0)  # passages per document run in a batch; 0 = random
     grad_accum_steps: int = _f(1, ge=1)
-    # GradCache: embed the batch in chunks of this many texts (no graph), then backpropagate the
-    # full-batch loss chunk by chunk: the same gradient, chunk-sized activations; 0 = off
+    # GradCache: embed the batch in chunks of this many texts (no graph), backpropagate the full
+    # batch's loss chunk by chunk: the same gradient, chunk-sized activations; 0 = off
     grad_cache_chunk: int = _f(0, ge=0)
     lr: float = _f(5.0e-5, gt=0)
     weight_decay: float = _f(0.01, ge=0)
@@ -105,6 +103,9 @@ class RetrieverConfig:
     grad_clip: float = _f(1.0, ge=0)  # 0 = off
     epochs: int = _f(1, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: as the hardware has
+    # inference (build-index, query encoding): torch (autocast per precision) | onnx (ONNX
+    # Runtime fp32) | onnx_int8 (dynamic int8); retrieval/onnx_runtime.py
+    runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"
     max_steps: int = _f(0, ge=0)  # 0 = epochs decide
     eval_every: int = _f(0, ge=0)  # optimizer steps between dev evaluations; 0 = end of epoch
     checkpoint_every: int = _f(50, ge=1)

@@ -85,7 +85,7 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     from ragtrain.retrieval.preflight import check_index_build
 
     corpus = Corpus.load(paths.corpus)
-    model = BiEncoder.load(paths.retriever)
+    model = BiEncoder.load(paths.retriever).use_runtime(cfg.retriever.runtime)
     check_index_build(len(corpus.ids), model.passage.model.config.hidden_size, cfg.index,
                       paths.index)  # refuses before encoding when the index cannot fit
     fp = model.fingerprint()
@@ -103,7 +103,8 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
         encode.follow()
         return paths.index
     if cfg.index.embedding_cache:  # opt-in: reuse unchanged passages' embeddings
-        cache = embedding_cache(paths, fp, model.spec.pooling, bf16)
+        precision = cfg.retriever.runtime if model.onnx else "bf16" if bf16 else "fp32"
+        cache = embedding_cache(paths, fp, model.spec.pooling, precision)
         emb, stats = encode_with_cache(passage_inputs(corpus.passages),
                                        model.spec.passage_max_length, encode, cache)
         print(f"build-index: {stats.n_encoded} of {stats.n_passages} passages encoded, "
@@ -125,16 +126,17 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     return paths.index
 
 
-def embedding_cache(paths: Paths, fingerprint: str, pooling: str, bf16: bool) -> Any:
-    """The ``EmbeddingCache`` of this encoder (weights, pooling, tokenizer, precision) under
-    cache/embeddings/, outside DVC's outs so that it survives reruns of build_index. (Typed
-    ``Any``: a module-level import would add embedding_cache.py to every stage's deps here.)"""
+def embedding_cache(paths: Paths, fingerprint: str, pooling: str, precision: str) -> Any:
+    """The ``EmbeddingCache`` of this encoder (weights, pooling, tokenizer; precision: fp32,
+    bf16, onnx or onnx_int8) under cache/embeddings/, outside DVC's outs so that it survives
+    reruns of build_index. (Typed ``Any``: a module-level import would add embedding_cache.py
+    to every stage's deps here.)"""
     from ragtrain.retrieval.embedding_cache import EmbeddingCache
 
     return EmbeddingCache(paths.embedding_cache, {
         "encoder_fingerprint": fingerprint, "pooling": pooling,
         "tokenizer_sha256": _tree_sha256(paths.retriever / "tokenizer"),
-        "precision": "bf16" if bf16 else "fp32"})
+        "precision": precision})
 
 
 def _tree_sha256(folder: Path) -> str:

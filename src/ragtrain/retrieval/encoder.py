@@ -8,7 +8,7 @@ index to the encoder that built it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
+from ragtrain.retrieval.onnx_runtime import ONNX_BATCH
 
 SPEC_FILE = "retriever.json"
 
@@ -77,6 +78,19 @@ class BiEncoder(torch.nn.Module):
         self.passage_tower = passage  # None: shared with the query tower
         self.tokenizer = tokenizer
         self.spec = spec
+        self.onnx: tuple[Any, Any] | None = None  # (query, passage) ONNX Runtime towers
+
+    def use_runtime(self, name: str) -> BiEncoder:
+        """Encode with ``name`` (retriever.runtime): torch, or ONNX Runtime fp32 / int8 (the
+        towers exported now, from the current weights; training still runs in torch)."""
+        if name == "torch":
+            self.onnx = None
+        else:
+            from ragtrain.retrieval.onnx_runtime import onnx_towers
+
+            self.onnx = onnx_towers(self.query_tower, self.passage_tower, self.tokenizer,
+                                    int8=name == "onnx_int8")
+        return self
 
     @property
     def passage(self) -> Tower:
@@ -160,11 +174,18 @@ class BiEncoder(torch.nn.Module):
 
     def encode_queries(self, texts: list[str], batch_size: int = 64,
                        progress: bool = False) -> np.ndarray:
+        if self.onnx is not None:
+            return encode_with(self.onnx[0], self.tokenizer, texts, self.spec.query_max_length,
+                               min(batch_size, ONNX_BATCH), progress, "queries")
         return encode(self.query_tower, self.tokenizer, texts, self.spec.query_max_length,
                       batch_size, progress, "queries")
 
     def encode_passages(self, texts: list[str], batch_size: int = 64,
                         progress: bool = False) -> np.ndarray:
+        if self.onnx is not None:
+            return encode_with(self.onnx[1], self.tokenizer, texts,
+                               self.spec.passage_max_length, min(batch_size, ONNX_BATCH),
+                               progress, "passages")
         return encode(self.passage, self.tokenizer, texts, self.spec.passage_max_length,
                       batch_size, progress, "passages")
 
@@ -173,10 +194,23 @@ class BiEncoder(torch.nn.Module):
 def encode(tower: Tower, tokenizer: Any, texts: list[str], max_length: int, batch_size: int,
            progress: bool = False, desc: str = "encode") -> np.ndarray:
     """Embeddings # (n, dim) float32, in input order; batches of similar length (less padding)."""
-    if not texts:
-        raise RagtrainError(f"encode {desc}: no texts")
     was_training = tower.training
     tower.eval()
+    try:
+        return encode_with(lambda ids, mask: tower(input_ids=ids, attention_mask=mask)
+                           .float().cpu().numpy(), tokenizer, texts, max_length, batch_size,
+                           progress, desc)
+    finally:
+        tower.train(was_training)
+
+
+def encode_with(forward: Callable[[torch.Tensor, torch.Tensor], np.ndarray], tokenizer: Any,
+                texts: list[str], max_length: int, batch_size: int, progress: bool = False,
+                desc: str = "encode") -> np.ndarray:
+    """``forward(input_ids, attention_mask)`` over ``texts`` in batches of similar length (less
+    padding) -> embeddings # (n, dim) float32, in input order."""
+    if not texts:
+        raise RagtrainError(f"encode {desc}: no texts")
     ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True,
                     return_attention_mask=False)["input_ids"]
     order = np.argsort([-len(x) for x in ids], kind="stable")
@@ -191,14 +225,12 @@ def encode(tower: Tower, tokenizer: Any, texts: list[str], max_length: int, batc
         for row, i in enumerate(idx):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
-        dev = next(tower.parameters()).device
-        emb = tower(input_ids=input_ids.to(dev), attention_mask=mask.to(dev)).float().cpu().numpy()
+        emb = forward(input_ids, mask)
         if out is None:
             out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
         out[idx] = emb
         bar.update(len(idx))
     bar.close()
-    tower.train(was_training)
     assert out is not None
     return out
 

@@ -34,7 +34,7 @@ class Retriever:
         the corpus with ``corpus_sha256``, when given)."""
         encoder = index = bm25 = None
         if kind in ("dense", "hybrid"):
-            encoder = BiEncoder.load(encoder_dir)
+            encoder = BiEncoder.load(encoder_dir).use_runtime(cfg.runtime)
             index = load_index(index_dir, expect_encoder_fingerprint=encoder.fingerprint(),
                                expect_corpus_sha256=corpus_sha256)
         if kind in ("bm25", "hybrid"):

@@ -161,10 +161,11 @@ def signature(kind: str = "rag") -> Any:
     )
 
 
-def requirements() -> list[str]:
-    """Pinned versions of what the model needs, as installed here."""
+def requirements(runtime: str = "torch") -> list[str]:
+    """Pinned versions of what the model needs, as installed here (ONNX Runtime too when its
+    retriever encodes with it: ``retriever.runtime``)."""
     out = []
-    for dist in _REQUIREMENTS:
+    for dist in (*_REQUIREMENTS, *(("onnx", "onnxruntime") if runtime != "torch" else ())):
         try:
             out.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
@@ -201,7 +202,8 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
     import pandas as pd
 
     manifest = Path(bundle) / "rag.json"
-    kind = json.loads(manifest.read_text()).get("kind", "rag") if manifest.is_file() else "rag"
+    meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    kind, runtime = meta.get("kind", "rag"), meta.get("retriever", {}).get("runtime", "torch")
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         code = Path(tmp) / "rag_model.py"
         code.write_text(_CODE)
@@ -210,7 +212,7 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
             artifacts={BUNDLE_ARTIFACT: str(Path(bundle).resolve())},
             signature=signature(kind),
             input_example=pd.DataFrame({"question": list(example_questions)[:2]}),
-            pip_requirements=requirements(),
+            pip_requirements=requirements(runtime),
             model_config={"rag_class": rag_class, CHECKED_TOP_K: True},
         )
     return Path(out)
