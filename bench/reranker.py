@@ -10,8 +10,10 @@
    gold labelled 1, the negatives 0) on the same pairs, model, max length and batch size (in
    its own batch order). Both with attention-probability dropout off unless
    ``--st-default-dropout``;
-2. reranking throughput (pairs/s): ``Reranker.score`` (fp32, and as configured) vs
-   ``CrossEncoder.predict`` on the same (question, BM25 top ``candidates``) pairs.
+2. reranking throughput (pairs/s): ``Reranker.score`` (fp32, as configured, and on ONNX Runtime
+   fp32 / int8: ``reranker.runtime``, batches of 8) vs ``CrossEncoder.predict`` on the same
+   (question, BM25 top ``candidates``) pairs, at ``eval_batch_size`` and at 8; the ONNX paths'
+   largest score difference from torch fp32 beside them.
 
 Timings are wall-clock after ``--warmup`` steps; compare the ratios, not the absolute numbers.
 Run it alone: two benchmarks at once halve each other.
@@ -30,15 +32,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ragtrain import runtime, trainer  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
+from ragtrain.errors import RagtrainError  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 from ragtrain.models import resolve_model_path  # noqa: E402
 from ragtrain.pipeline.paths import Paths  # noqa: E402
 from ragtrain.retrieval.bm25 import BM25Retriever  # noqa: E402
+from ragtrain.retrieval.onnx_runtime import ONNX_BATCH  # noqa: E402
 from ragtrain.retrieval.reranker import Reranker, RerankerSpec, passage_texts  # noqa: E402
 from ragtrain.retrieval.reranker_training import (  # noqa: E402
     CandidateBatches,
@@ -144,12 +149,23 @@ def reranking(cfg, corpus: Corpus, rows: list[dict], bm25: BM25Retriever) -> Non
     model = Reranker.from_pretrained(RerankerSpec.from_config(rk), seed=cfg.seed)
     res = {}
     bf16 = runtime.use_bf16(rk.precision)
-    for name, use in (("ragtrain Reranker.score fp32", False),
-                      (f"ragtrain Reranker.score as configured (bf16={bf16})", bf16)):
+    scores = {}
+    for name, use, rt in (("ragtrain Reranker.score fp32", False, "torch"),
+                          (f"ragtrain Reranker.score as configured (bf16={bf16})", bf16, "torch"),
+                          ("ragtrain Reranker.score onnx (batch 8)", False, "onnx"),
+                          ("ragtrain Reranker.score onnx_int8 (batch 8)", False, "onnx_int8")):
+        try:
+            model.use_runtime(rt)
+        except RagtrainError as e:
+            print(f"{name} skipped: {e}")
+            continue
         model.score(questions[:2], lists[:2], batch_size=rk.eval_batch_size, bf16=use)  # warm
         t = time.perf_counter()
-        model.score(questions, lists, batch_size=rk.eval_batch_size, bf16=use)
+        scores[name] = np.concatenate(model.score(questions, lists,
+                                                  batch_size=rk.eval_batch_size, bf16=use))
         res[name] = n / (time.perf_counter() - t)
+    model.use_runtime("torch")
+    fp32 = scores["ragtrain Reranker.score fp32"]
     ce = CrossEncoder(resolve_model_path(rk.model_name), num_labels=1, max_length=rk.max_length,
                       device="cpu")
     pairs = [(q, p) for q, plist in zip(questions, lists, strict=True) for p in plist]
@@ -157,15 +173,23 @@ def reranking(cfg, corpus: Corpus, rows: list[dict], bm25: BM25Retriever) -> Non
     t = time.perf_counter()
     ce.predict(pairs, batch_size=rk.eval_batch_size, show_progress_bar=False)
     res["CrossEncoder.predict fp32"] = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    ce.predict(pairs, batch_size=ONNX_BATCH, show_progress_bar=False)
+    res["CrossEncoder.predict fp32 (batch 8)"] = n / (time.perf_counter() - t)
     print(f"\n## 2. Reranking throughput ({len(questions)} questions x BM25 top "
           f"{rk.candidates} = {n} pairs, batches of {rk.eval_batch_size}, "
           f"{torch.get_num_threads()} threads)")
     for k, v in res.items():
-        print(f"{k:50s}{v:8.1f} pairs/s")
+        diff = (f"  max |score - fp32| {np.abs(scores[k] - fp32).max():.4f}" if "onnx" in k
+                else "")
+        print(f"{k:50s}{v:8.1f} pairs/s{diff}")
     base = res["CrossEncoder.predict fp32"]
     ours = list(res.values())
     print(f"ratio ragtrain fp32 / ST: {ours[0] / base:.2f}; as configured / ST: "
           f"{ours[1] / base:.2f}  (goal >= 1.0)")
+    for k in (k for k in res if "onnx" in k):
+        print(f"ratio {k.split('score ')[1]} / ST at batch 8: "
+              f"{res[k] / res['CrossEncoder.predict fp32 (batch 8)']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def test_runtime_values_are_checked() -> None:
 
 def test_served_model_requires_onnxruntime_only_when_it_uses_it() -> None:
     assert not any(r.startswith("onnxruntime==") for r in requirements())
-    assert any(r.startswith("onnxruntime==") for r in requirements("onnx_int8"))
+    assert any(r.startswith("onnxruntime==") for r in requirements(onnx=True))
 
 
 def test_stages_with_onnx_int8(tmp_path: Path, tiny_bert_dir: Path,
@@ -85,9 +85,29 @@ def test_stages_with_onnx_int8(tmp_path: Path, tiny_bert_dir: Path,
     capfd.readouterr()
     for stage in ("build-index", "eval-retriever", "retrieve"):
         assert cli.main([stage]) == 0, stage
-        assert "exporting the encoder to ONNX (int8)" in capfd.readouterr().err, stage
+        assert "exporting to ONNX (int8)" in capfd.readouterr().err, stage
     emb = np.load(tmp_path / "artifacts/embeddings/embeddings.npy")
     assert emb.shape == torch_emb.shape and not np.array_equal(emb, torch_emb)
     assert (emb * torch_emb).sum(1).min() > 0.95
     metrics = json.loads((tmp_path / "metrics/retriever.json").read_text())
     assert 0.0 <= metrics["test/dense/recall_at_1"] <= 1.0
+
+
+def test_reranker_on_onnx_scores_as_torch(tiny_bert_dir: Path) -> None:
+    from ragtrain.generation.rag import RERANK_KEYS, Rerank
+    from ragtrain.retrieval.reranker import Reranker, RerankerSpec
+
+    r = Reranker.from_pretrained(RerankerSpec(str(tiny_bert_dir), max_length=64))
+    lists = [PASSAGES[:3], PASSAGES[1:]]
+    base = np.concatenate(r.score(QUESTIONS[:2], lists, batch_size=4))
+    r.use_runtime("onnx")
+    assert r.onnx is not None and np.abs(np.concatenate(
+        r.score(QUESTIONS[:2], lists, batch_size=4)) - base).max() < 1e-4
+    r.use_runtime("onnx_int8")
+    int8 = np.concatenate(r.score(QUESTIONS[:2], lists, batch_size=4))
+    assert not np.array_equal(int8, base) and np.abs(int8 - base).max() < 5e-3
+    r.use_runtime("torch")
+    assert r.onnx is None and np.array_equal(
+        np.concatenate(r.score(QUESTIONS[:2], lists, batch_size=4)), base)
+    # a packaged model records reranker.runtime with the other reranking settings
+    assert "runtime" in RERANK_KEYS and Rerank().runtime == "torch"

@@ -39,8 +39,7 @@ class DataConfig:
     sha256: str = _f(SQUAD_V11_DEV_SHA256, pattern=r"^([0-9a-f]{64})?$")
     format: Literal["auto", "squad", "jsonl", "beir"] = "auto"
     download_timeout_s: float = _f(60.0, gt=0)
-    # Chunking: 0 tokens = off (one passage per paragraph / document).
-    chunk_tokens: int = _f(0, ge=0)
+    chunk_tokens: int = _f(0, ge=0)  # chunking: 0 = off (one passage per paragraph / document)
     chunk_overlap: int = _f(0, ge=0)
     # "whitespace", or a Hugging Face tokenizer (a local path, the bundled "all-MiniLM-L6-v2",
     # or a hub name when online): chunk by that tokenizer's tokens.
@@ -143,6 +142,7 @@ class RerankerConfig:
     checkpoint_every: int = _f(50, ge=1)
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(64, ge=1)  # pairs per forward pass when reranking
+    runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"  # inference, as retriever.runtime
 
     def __post_init__(self) -> None:
         if self.negatives_depth < self.train_candidates - 1:

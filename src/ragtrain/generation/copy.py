@@ -115,7 +115,7 @@ class CopyGenerator(nn.Module):
         return out.last_hidden_state, out.cache
 
     def next_from_states(self, hs: torch.Tensor, h: torch.Tensor, src: torch.Tensor,
-                         copyable: torch.Tensor, keys: Any = None) -> torch.Tensor:
+                         copyable: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """log p(next token) over the vocabulary (B,V) from the last target state h (B,1,H);
         ``keys``: ``copy_k(hs)``, computed once per decoding by the caller (else here)."""
         log_pv, log_a, lg, lng = self.parts(hs, h, copyable, keys)
@@ -124,8 +124,8 @@ class CopyGenerator(nn.Module):
         p = lg.exp()[:, 0, None] * log_pv[:, 0].exp() + lng.exp()[:, 0, None] * p_copy
         return torch.log(p.clamp(min=1e-30))
 
-    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor, keys: Any = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor,
+              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """log p_vocab (B,T,V), log copy attention over source (B,T,S), log g, log (1-g)."""
         emb = self.backbone.embeddings.word_embeddings.weight
         # F.linear(x, emb), not x @ emb.t(): autocast casts a weight once per context and reuses

@@ -32,7 +32,7 @@ MANIFEST = "rag.json"
 RAG, RETRIEVER = "rag", "retriever"  # the manifest's "kind": with a generator, or without
 RERANKER_SPEC = "reranker.json"  # in a saved reranker folder: its spec and weights' fingerprint
 # what reranking at inference reads of reranker.* (the bundle records them)
-RERANK_KEYS = ("candidates", "fuse_weight", "eval_batch_size", "precision")
+RERANK_KEYS = ("candidates", "fuse_weight", "eval_batch_size", "precision", "runtime")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Rerank:
     fuse_weight: float = 0.5
     eval_batch_size: int = 64
     precision: str = "auto"
+    runtime: str = "torch"  # reranker.runtime: torch | onnx | onnx_int8
 
     @classmethod
     def from_config(cls, rk: RerankerConfig) -> Rerank:
@@ -114,6 +115,7 @@ class RAGModel:
             from ragtrain.retrieval.reranker import Reranker
 
             reranker = Reranker.load(reranker_dir)  # refused if its weights were edited
+            reranker.use_runtime((rerank or Rerank()).runtime)
         return cls(retriever, generator, Corpus.load(corpus_path), rc.top_k, precision,
                    reranker=reranker, rerank=rerank or Rerank(), reading=reading or Reading())
 

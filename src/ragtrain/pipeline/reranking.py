@@ -92,7 +92,7 @@ def run_teacher_scores(cfg: Config, paths: Paths, *, progress: bool = True) -> d
     check_gold_ids(train, corpus, str(paths.queries("train")))
     rows = labelled(train)
     bm25 = BM25Retriever.load(paths.bm25, expect_corpus_sha256=sha256_file(paths.corpus))
-    reranker = Reranker.load(paths.reranker)
+    reranker = Reranker.load(paths.reranker).use_runtime(cfg.reranker.runtime)
     candidates = teacher_candidates(rows, corpus, bm25, depth=rc.hard_negative_depth,
                                     n=rc.hard_negatives_per_query)
     scored = score_candidates(reranker, rows, corpus, candidates,

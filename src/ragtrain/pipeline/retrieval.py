@@ -315,7 +315,7 @@ def _load_reranker(cfg: Config, paths: Paths) -> Any:
     if paths.reranker_disabled.exists():
         raise RagtrainError(f"{paths.reranker_disabled}: reranker.enabled is true but no "
                             "reranker was trained; run `ragtrain train-reranker` (or dvc repro)")
-    return Reranker.load(paths.reranker)
+    return Reranker.load(paths.reranker).use_runtime(cfg.reranker.runtime)
 
 
 def _search_depth(cfg: Config, k: int, n_passages: int) -> int:

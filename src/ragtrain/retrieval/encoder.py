@@ -175,15 +175,16 @@ class BiEncoder(torch.nn.Module):
     def encode_queries(self, texts: list[str], batch_size: int = 64,
                        progress: bool = False) -> np.ndarray:
         if self.onnx is not None:
-            return encode_with(self.onnx[0], self.tokenizer, texts, self.spec.query_max_length,
-                               min(batch_size, ONNX_BATCH), progress, "queries")
+            return encode_with(_named(self.onnx[0]), self.tokenizer, texts,
+                               self.spec.query_max_length, min(batch_size, ONNX_BATCH),
+                               progress, "queries")
         return encode(self.query_tower, self.tokenizer, texts, self.spec.query_max_length,
                       batch_size, progress, "queries")
 
     def encode_passages(self, texts: list[str], batch_size: int = 64,
                         progress: bool = False) -> np.ndarray:
         if self.onnx is not None:
-            return encode_with(self.onnx[1], self.tokenizer, texts,
+            return encode_with(_named(self.onnx[1]), self.tokenizer, texts,
                                self.spec.passage_max_length, min(batch_size, ONNX_BATCH),
                                progress, "passages")
         return encode(self.passage, self.tokenizer, texts, self.spec.passage_max_length,
@@ -202,6 +203,11 @@ def encode(tower: Tower, tokenizer: Any, texts: list[str], max_length: int, batc
                            progress, desc)
     finally:
         tower.train(was_training)
+
+
+def _named(model: Callable[..., np.ndarray]) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+    """An ONNX Runtime model (named inputs) as ``encode_with``'s ``forward``."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask)
 
 
 def encode_with(forward: Callable[[torch.Tensor, torch.Tensor], np.ndarray], tokenizer: Any,

@@ -1,6 +1,7 @@
-"""The bi-encoder's inference on ONNX Runtime (``retriever.runtime``: onnx | onnx_int8).
+"""Inference on ONNX Runtime: the bi-encoder's towers (``retriever.runtime``) and the reranker
+(``reranker.runtime``): onnx (fp32) | onnx_int8.
 
-Each tower is exported at load time with ``torch.onnx.export`` and kept in memory (nothing is
+Each model is exported at load time with ``torch.onnx.export`` and kept in memory (nothing is
 written beside the trained model, whose weights stay the one source of truth). The export uses
 eager attention: its MatMul + Softmax pattern is what ``onnxruntime.transformers.optimizer``
 fuses into the Attention op for BERT-like encoders (it does not recognise SDPA's). ``onnx_int8``
@@ -19,6 +20,7 @@ import logging
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ import torch
 
 from ragtrain.errors import RagtrainError
 
-RUNTIMES = ("torch", "onnx", "onnx_int8")
 ONNX_BATCH = 8
 # model types onnxruntime's transformer optimizer fuses as BERT (attention, layer norms, GELU)
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}
@@ -43,49 +44,51 @@ def require_onnx() -> None:
                             "torch") from None
 
 
-class _Inputs(torch.nn.Module):
-    """The tower called with positional (input_ids, attention_mask), as the exporter calls."""
+class _Positional(torch.nn.Module):
+    """``call(module, inputs)`` with the inputs given positionally, as the exporter passes them."""
 
-    def __init__(self, tower: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, names: list[str],
+                 call: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> None:
         super().__init__()
-        self.tower = tower
+        self.module, self.names, self.call = module, names, call
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.tower(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.call(self.module, dict(zip(self.names, inputs, strict=True)))
 
 
-def export_tower(tower: torch.nn.Module, tokenizer: Any, out_dir: Path, int8: bool) -> Path:
-    """An ONNX file of ``tower`` (a ``Tower``: pooled, L2-normalised embeddings), fused where
-    the encoder is BERT-like, int8-quantized when ``int8``; returns its path in ``out_dir``."""
+def export_model(module: torch.nn.Module, example: dict[str, torch.Tensor],
+                 call: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+                 out_dir: Path, int8: bool) -> Path:
+    """An ONNX file of ``call(module, inputs)`` -> one float tensor (batch first), its inputs
+    named as ``example``'s keys (batch and sequence axes dynamic); fused where the encoder is
+    BERT-like, int8-quantized when ``int8``. Returns its path in ``out_dir``."""
     require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tower = copy.deepcopy(tower).float().cpu().eval()  # the torch model keeps its attention
-    config = tower.model.config
-    if hasattr(tower.model, "set_attn_implementation"):
-        tower.model.set_attn_implementation("eager")
-    enc = tokenizer(["a passage", "another, longer passage of text"], padding=True,
-                    return_tensors="pt")
-    path = out_dir / "tower.onnx"
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-            "embedding": {0: "batch"}}
+    module = copy.deepcopy(module).float().cpu().eval()  # the torch model keeps its attention
+    hf = next(m for m in module.modules() if hasattr(m, "config"))  # the transformers model
+    config = hf.config
+    if hasattr(hf, "set_attn_implementation"):
+        hf.set_attn_implementation("eager")
+    names = list(example)
+    path = out_dir / "model.onnx"
+    axes = {**{n: {0: "batch", 1: "seq"} for n in names}, "output": {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and trace notes
-        torch.onnx.export(_Inputs(tower), (enc["input_ids"], enc["attention_mask"]), str(path),
-                          input_names=["input_ids", "attention_mask"],
-                          output_names=["embedding"], dynamic_axes=axes, opset_version=17,
-                          dynamo=False)
+        torch.onnx.export(_Positional(module, names, call), tuple(example.values()), str(path),
+                          input_names=names, output_names=["output"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
     if getattr(config, "model_type", "") in _BERT_LIKE:
         from onnxruntime.transformers.optimizer import optimize_model
 
         fused = optimize_model(str(path), model_type="bert",
                                num_heads=config.num_attention_heads,
                                hidden_size=config.hidden_size)
-        path = out_dir / "tower_fused.onnx"
+        path = out_dir / "model_fused.onnx"
         fused.save_model_to_file(str(path))
     if int8:
-        q = out_dir / "tower_int8.onnx"
+        q = out_dir / "model_int8.onnx"
         logging.disable(logging.WARNING)  # the quantizer's advice to pre-process (an image tip)
         try:  # the fused graph's contrib ops defeat shape inference: name the default type
             quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8, per_channel=True,
@@ -96,35 +99,56 @@ def export_tower(tower: torch.nn.Module, tokenizer: Any, out_dir: Path, int8: bo
     return path
 
 
-class OnnxTower:
-    """An exported tower in an ONNX Runtime session: (input_ids, mask) -> embeddings."""
+class OnnxModel:
+    """An exported model in an ONNX Runtime session: named int64 inputs -> a float32 array."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = threads or torch.get_num_threads()
         so.log_severity_level = 3  # no warnings about unused initializers
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        feed = {"input_ids": input_ids.numpy().astype(np.int64),
-                "attention_mask": mask.numpy().astype(np.int64)}
+    def __call__(self, **inputs: torch.Tensor) -> np.ndarray:
+        feed = {k: inputs[k].numpy().astype(np.int64) for k in self.inputs}
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
 
-def onnx_towers(query: torch.nn.Module, passage: torch.nn.Module | None, tokenizer: Any,
-                int8: bool) -> tuple[OnnxTower, OnnxTower]:
-    """(query, passage) ONNX Runtime towers of a bi-encoder's (the same when shared)."""
-    threads = torch.get_num_threads()
-    what = "int8" if int8 else "fp32"
-    print(f"retriever.runtime: exporting the encoder to ONNX ({what})", file=sys.stderr)
+def exported(module: torch.nn.Module, example: dict[str, torch.Tensor],
+             call: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+             int8: bool, what: str) -> OnnxModel:
+    """``module`` exported (``export_model``) and loaded into a session; the files are gone."""
+    print(f"{what}: exporting to ONNX ({'int8' if int8 else 'fp32'})", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="ragtrain-onnx-") as tmp:
-        q_dir = Path(tmp) / "query"
-        q_dir.mkdir()
-        q = OnnxTower(export_tower(query, tokenizer, q_dir, int8), threads)
-        if passage is None:
-            return q, q
-        p_dir = Path(tmp) / "passage"
-        p_dir.mkdir()
-        return q, OnnxTower(export_tower(passage, tokenizer, p_dir, int8), threads)
+        return OnnxModel(export_model(module, example, call, Path(tmp), int8))
+
+
+def onnx_towers(query: torch.nn.Module, passage: torch.nn.Module | None, tokenizer: Any,
+                int8: bool) -> tuple[OnnxModel, OnnxModel]:
+    """(query, passage) ONNX Runtime towers of a bi-encoder's (the same when shared): each a
+    ``Tower`` (pooled, L2-normalised embeddings) of (input_ids, attention_mask)."""
+    enc = tokenizer(["a passage", "another, longer passage of text"], padding=True,
+                    return_tensors="pt")
+    example = {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+    def tower(m: torch.nn.Module, kw: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(**kw)
+
+    q = exported(query, example, tower, int8, "retriever.runtime: the query encoder")
+    if passage is None:
+        return q, q
+    return q, exported(passage, example, tower, int8, "retriever.runtime: the passage encoder")
+
+
+def onnx_cross_encoder(model: torch.nn.Module, tokenizer: Any, int8: bool) -> OnnxModel:
+    """A sequence-classification model's first logit over (question, passage) pairs."""
+    enc = tokenizer(["a question", "another question"], ["a passage", "a longer passage text"],
+                    padding=True, return_tensors="pt")
+    example = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+    def first_logit(m: torch.nn.Module, kw: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(**kw).logits[:, 0]
+
+    return exported(model, example, first_logit, int8, "reranker.runtime: the reranker")

@@ -26,6 +26,7 @@ from ragtrain.errors import RagtrainError, RetrievalError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
 from ragtrain.retrieval.encoder import passage_inputs
+from ragtrain.retrieval.onnx_runtime import ONNX_BATCH
 
 SPEC_FILE = "reranker.json"
 MODEL_DIR = "model"  # the weights, config and tokenizer: loadable by any HF / ST cross-encoder
@@ -57,6 +58,17 @@ class Reranker(torch.nn.Module):
         self.spec = spec
         # parameter names (as this module names them) the warm start did not have: the head
         self.new_params = tuple(new_params)
+        self.onnx: Any = None  # an ONNX Runtime copy that scores instead (use_runtime)
+
+    def use_runtime(self, name: str) -> Reranker:
+        """Score with ``name`` (reranker.runtime): torch, or ONNX Runtime fp32 / int8 (exported
+        now from the current weights; training still runs in torch)."""
+        self.onnx = None
+        if name != "torch":
+            from ragtrain.retrieval.onnx_runtime import onnx_cross_encoder
+
+            self.onnx = onnx_cross_encoder(self.model, self.tokenizer, int8=name == "onnx_int8")
+        return self
 
     # ------------------------------------------------------------------ construction
 
@@ -166,6 +178,8 @@ class Reranker(torch.nn.Module):
             pad = {"input_ids": self.tokenizer.pad_token_id or 0}
             dev = next(self.parameters()).device
             bar = tqdm(total=len(ps), disable=not progress, desc="rerank", unit="pair")
+            if self.onnx is not None:
+                batch_size = min(batch_size, ONNX_BATCH)
             for start in range(0, len(ps), batch_size):
                 idx = order[start:start + batch_size]
                 width = len(enc["input_ids"][idx[0]])  # sorted: the first is the longest
@@ -174,9 +188,12 @@ class Reranker(torch.nn.Module):
                 for row, i in enumerate(idx):
                     for k in keys:
                         batch[k][row, :len(enc[k][i])] = torch.tensor(enc[k][i])
-                with runtime.autocast(bf16, dev):
-                    logits = self.model(**{k: v.to(dev) for k, v in batch.items()}).logits
-                flat[idx] = logits[:, 0].float().cpu().numpy()
+                if self.onnx is not None:
+                    flat[idx] = self.onnx(**batch)
+                else:
+                    with runtime.autocast(bf16, dev):
+                        logits = self.model(**{k: v.to(dev) for k, v in batch.items()}).logits
+                    flat[idx] = logits[:, 0].float().cpu().numpy()
                 bar.update(len(idx))
             bar.close()
             self.train(was_training)

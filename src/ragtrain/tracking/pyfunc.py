@@ -161,11 +161,11 @@ def signature(kind: str = "rag") -> Any:
     )
 
 
-def requirements(runtime: str = "torch") -> list[str]:
-    """Pinned versions of what the model needs, as installed here (ONNX Runtime too when its
-    retriever encodes with it: ``retriever.runtime``)."""
+def requirements(onnx: bool = False) -> list[str]:
+    """Pinned versions of what the model needs, as installed here (with ``onnx``: ONNX Runtime
+    too, for a retriever or reranker that runs on it)."""
     out = []
-    for dist in (*_REQUIREMENTS, *(("onnx", "onnxruntime") if runtime != "torch" else ())):
+    for dist in (*_REQUIREMENTS, *(("onnx", "onnxruntime") if onnx else ())):
         try:
             out.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
@@ -203,7 +203,9 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
 
     manifest = Path(bundle) / "rag.json"
     meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    kind, runtime = meta.get("kind", "rag"), meta.get("retriever", {}).get("runtime", "torch")
+    kind = meta.get("kind", "rag")
+    onnx = any((meta.get(part) or {}).get("runtime", "torch") != "torch"
+               for part in ("retriever", "reranker"))  # retriever.runtime / reranker.runtime
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         code = Path(tmp) / "rag_model.py"
         code.write_text(_CODE)
@@ -212,7 +214,7 @@ def save_rag_pyfunc(bundle: Path, out: Path, example_questions: Sequence[str], *
             artifacts={BUNDLE_ARTIFACT: str(Path(bundle).resolve())},
             signature=signature(kind),
             input_example=pd.DataFrame({"question": list(example_questions)[:2]}),
-            pip_requirements=requirements(runtime),
+            pip_requirements=requirements(onnx),
             model_config={"rag_class": rag_class, CHECKED_TOP_K: True},
         )
     return Path(out)
