@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
+from ragtrain.data.questions import answered  # noqa: E402
 from ragtrain.evaluation.answers import score_answers  # noqa: E402
 from ragtrain.generation.generator import Generator  # noqa: E402
 from ragtrain.generation.reading import pick, read_inputs  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     paths = Paths(args.root)
     gen = Generator.load(paths.generator)
     corpus = Corpus.load(paths.corpus)
-    rows = [r for r in read_queries(paths, args.split) if r.get("answers")]
+    rows, _ = answered(read_queries(paths, args.split))
     rows = rows[:args.limit] if args.limit else rows
     ret, ret_scores = read_retrieved(paths, args.split), read_retrieved_scores(paths, args.split)
     n = gc.answer_from

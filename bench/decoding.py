@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
+from ragtrain.data.questions import answered  # noqa: E402
 from ragtrain.evaluation.answers import normalize_answer, score_answers  # noqa: E402
 from ragtrain.generation.copy import CopyBackend  # noqa: E402
 from ragtrain.generation.generator import Generator, Prediction  # noqa: E402
@@ -65,12 +66,12 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.root / "params.yaml")
     gc = cfg.generator
-    gen = Generator.load(Paths(args.root).generator)
+    paths = Paths(args.root)
+    gen = Generator.load(paths.generator)
     if not isinstance(gen, CopyBackend):
         raise SystemExit("bench/decoding.py: the run's generator is not the copy kind")
-    paths = Paths(args.root)
     corpus = Corpus.load(paths.corpus)
-    rows = [r for r in read_queries(paths, args.split) if r.get("answers")]
+    rows, _ = answered(read_queries(paths, args.split))
     rows = rows[:args.limit] if args.limit else rows
     ret, ret_scores = read_retrieved(paths, args.split), read_retrieved_scores(paths, args.split)
     questions = [r["question"] for r in rows]
