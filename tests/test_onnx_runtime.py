@@ -51,6 +51,13 @@ def test_missing_onnxruntime_is_named(tiny_bert_dir: Path,
     m = BiEncoder.from_pretrained(EncoderSpec(str(tiny_bert_dir)))
     with pytest.raises(RagtrainError, match=r"retriever.runtime.*ragtrain\[onnx\]"):
         m.use_runtime("onnx_int8")
+    # the reranker's error names its own setting
+    from ragtrain.retrieval.reranker import Reranker, RerankerSpec
+
+    r = Reranker.from_pretrained(RerankerSpec(str(tiny_bert_dir), max_length=64))
+    with pytest.raises(RagtrainError, match=r"^reranker.runtime: .*set reranker.runtime: torch"):
+        r.use_runtime("onnx")
+    assert r.onnx is None
 
 
 def test_runtime_values_are_checked() -> None:

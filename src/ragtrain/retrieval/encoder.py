@@ -24,7 +24,7 @@ from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
-from ragtrain.retrieval.onnx_runtime import ONNX_BATCH
+from ragtrain.retrieval.onnx_runtime import ONNX_BATCH, OnnxModel, on_runtime, onnx_towers
 
 SPEC_FILE = "retriever.json"
 
@@ -78,18 +78,13 @@ class BiEncoder(torch.nn.Module):
         self.passage_tower = passage  # None: shared with the query tower
         self.tokenizer = tokenizer
         self.spec = spec
-        self.onnx: tuple[Any, Any] | None = None  # (query, passage) ONNX Runtime towers
+        self.onnx: tuple[OnnxModel, OnnxModel] | None = None  # (query, passage) ONNX Runtime towers
 
     def use_runtime(self, name: str) -> BiEncoder:
         """Encode with ``name`` (retriever.runtime): torch, or ONNX Runtime fp32 / int8 (the
         towers exported now, from the current weights; training still runs in torch)."""
-        if name == "torch":
-            self.onnx = None
-        else:
-            from ragtrain.retrieval.onnx_runtime import onnx_towers
-
-            self.onnx = onnx_towers(self.query_tower, self.passage_tower, self.tokenizer,
-                                    int8=name == "onnx_int8")
+        self.onnx = on_runtime(name, "retriever.runtime", lambda int8: onnx_towers(
+            self.query_tower, self.passage_tower, self.tokenizer, int8))
         return self
 
     @property

@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,18 +30,28 @@ import torch
 from ragtrain.errors import RagtrainError
 
 ONNX_BATCH = 8
+T = TypeVar("T")
 # model types onnxruntime's transformer optimizer fuses as BERT (attention, layer norms, GELU)
 _BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}
 
 
-def require_onnx() -> None:
+def require_onnx(param: str) -> None:
+    """onnx and onnxruntime importable, else an error naming ``param`` (the runtime setting)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise RagtrainError(f"retriever.runtime: onnx / onnx_int8 need onnx and onnxruntime "
-                            f"({e}): pip install 'ragtrain[onnx]', or set retriever.runtime: "
-                            "torch") from None
+        raise RagtrainError(f"{param}: onnx / onnx_int8 need onnx and onnxruntime ({e}): "
+                            f"pip install 'ragtrain[onnx]', or set {param}: torch") from None
+
+
+def on_runtime(name: str, param: str, export: Callable[[bool], T]) -> T | None:
+    """What a model runs on for ``name`` (the value of ``param``): None for torch, else
+    ``export(int8)``, the ONNX Runtime copy exported now from the current weights."""
+    if name == "torch":
+        return None
+    require_onnx(param)
+    return export(name == "onnx_int8")
 
 
 class _Positional(torch.nn.Module):
@@ -62,7 +72,6 @@ def export_model(module: torch.nn.Module, example: dict[str, torch.Tensor],
     """An ONNX file of ``call(module, inputs)`` -> one float tensor (batch first), its inputs
     named as ``example``'s keys (batch and sequence axes dynamic); fused where the encoder is
     BERT-like, int8-quantized when ``int8``. Returns its path in ``out_dir``."""
-    require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -112,7 +121,7 @@ class OnnxModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **inputs: torch.Tensor) -> np.ndarray:
-        feed = {k: inputs[k].numpy().astype(np.int64) for k in self.inputs}
+        feed = {k: inputs[k].numpy().astype(np.int64, copy=False) for k in self.inputs}
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
 

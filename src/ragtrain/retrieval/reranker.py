@@ -26,7 +26,7 @@ from ragtrain.errors import RagtrainError, RetrievalError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
 from ragtrain.retrieval.encoder import passage_inputs
-from ragtrain.retrieval.onnx_runtime import ONNX_BATCH
+from ragtrain.retrieval.onnx_runtime import ONNX_BATCH, OnnxModel, on_runtime, onnx_cross_encoder
 
 SPEC_FILE = "reranker.json"
 MODEL_DIR = "model"  # the weights, config and tokenizer: loadable by any HF / ST cross-encoder
@@ -58,16 +58,13 @@ class Reranker(torch.nn.Module):
         self.spec = spec
         # parameter names (as this module names them) the warm start did not have: the head
         self.new_params = tuple(new_params)
-        self.onnx: Any = None  # an ONNX Runtime copy that scores instead (use_runtime)
+        self.onnx: OnnxModel | None = None  # an ONNX Runtime copy that scores instead (use_runtime)
 
     def use_runtime(self, name: str) -> Reranker:
         """Score with ``name`` (reranker.runtime): torch, or ONNX Runtime fp32 / int8 (exported
         now from the current weights; training still runs in torch)."""
-        self.onnx = None
-        if name != "torch":
-            from ragtrain.retrieval.onnx_runtime import onnx_cross_encoder
-
-            self.onnx = onnx_cross_encoder(self.model, self.tokenizer, int8=name == "onnx_int8")
+        self.onnx = on_runtime(name, "reranker.runtime", lambda int8: onnx_cross_encoder(
+            self.model, self.tokenizer, int8))
         return self
 
     # ------------------------------------------------------------------ construction
