@@ -294,11 +294,12 @@ class CopyBackend(Generator):
                 h, cache = model.step(y, cache, batch["src_mask"], step)
             lp = model.next_from_states(hs, h, src, copyable, keys).float()
             if decoding == "constrained":
-                nxt = copyable if step == 0 else torch.zeros_like(cand)
-                if step:
+                if step == 0:
+                    nxt, allowed = copyable, self._tokens_at(lp, src, copyable)
+                else:  # extend the span; stop only where it may end (never inside a word)
+                    nxt = torch.zeros_like(cand)
                     nxt[:, 1:] = cand[:, :-1] & copyable[:, 1:]
-                allowed = self._tokens_at(lp, src, nxt)
-                if step > 0:  # stop: only where a span may end (never inside a word)
+                    allowed = self._tokens_at(lp, src, nxt)
                     allowed[:, eos] = (cand & can_end).any(1)
                 if step == self.spec.max_answer_tokens:
                     allowed[:] = False
@@ -354,14 +355,13 @@ class CopyBackend(Generator):
         srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
         b, longest = len(srcs), self.spec.max_answer_tokens
         src, copyable, src_mask = batch["src"], batch["copyable"], batch["src_mask"]
-        lp = model.next_from_states(hs, h, src, copyable).float()
+        keys = model.copy_k(hs)  # once per batch (a source's beams never change its keys)
+        lp = model.next_from_states(hs, h, src, copyable, keys).float()
         first_lp, first_tok = lp.masked_fill(~self._tokens_at(lp, src, copyable),
                                              -math.inf).topk(k, -1)
-        can_end = can_end.repeat_interleave(k, 0)
-        src, copyable, src_mask, hs = (x.repeat_interleave(k, 0)
-                                       for x in (src, copyable, src_mask, hs))
+        src, copyable, src_mask, hs, keys, can_end = (
+            x.repeat_interleave(k, 0) for x in (src, copyable, src_mask, hs, keys, can_end))
         cache.batch_repeat_interleave(k)
-        keys = model.copy_k(hs)  # once per batch (a source's beams never change its keys)
         y, score = first_tok.flatten(), first_lp.flatten()
         toks: list[list[int]] = [[int(t)] for t in y]
         ends = copyable & (src == y[:, None])  # per hypothesis: where its span may end now
