@@ -40,6 +40,27 @@ def test_shares_partition_the_batch_in_rank_order(monkeypatch: pytest.MonkeyPatc
     assert all(len(w) >= 1 for w in work)  # an idle rank still computes (with weight 0)
 
 
+def test_sharded_map_of_an_empty_list_answers_as_one_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 of 2: the ranks' shares of an empty list are all empty, and the answer is ``fn``'s
+    own (the encoder's "no texts" error), not numpy's "need at least one array"."""
+    import numpy as np
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "gather_to_main", lambda part: [part, part])
+
+    def fn(items: list[str]) -> np.ndarray:
+        if not items:
+            raise ValueError("fn: no items")
+        return np.ones((len(items), 2))
+
+    sharded = distributed.ShardedMap(fn)
+    assert sharded._round(["a", "b"]).shape == (2, 2)  # one row each from the two ranks
+    with pytest.raises(ValueError, match="fn: no items"):
+        sharded._round([])
+
+
 def test_bad_process_count_is_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     env = {**os.environ, "RAGTRAIN_NPROC_PER_NODE": "two"}

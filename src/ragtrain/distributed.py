@@ -198,7 +198,8 @@ class ShardedMap:
         parts = gather_to_main(part)
         if parts is None:
             return None
-        return np.concatenate([p for p in parts if p is not None])
+        done = [p for p in parts if p is not None]  # none for an empty list: fn's own answer
+        return np.concatenate(done) if done else self.fn([])
 
     def __call__(self, items: Sequence[Any]) -> Any:
         if not init():
