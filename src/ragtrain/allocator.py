@@ -48,7 +48,7 @@ def jemalloc_path(setting: str, search: Sequence[str] = SEARCH) -> str | None:
         return next((p for p in search if Path(p).is_file()), None)
     if not Path(setting).is_file():
         raise ConfigError(f"{ENV}={setting}: no such file (use auto, system or the path of "
-                             "libjemalloc.so.2)")
+                          "libjemalloc.so.2)")
     return setting
 
 
