@@ -90,6 +90,40 @@ def _plain(answer: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def guard_scoring_server() -> None:
+    """Two requests that MLflow's scoring server (3.x) fails with HTTP 500 and no message, before
+    the model sees them: JSON nested deeper than Python's recursion limit (RecursionError in its
+    ``json.loads``) and a request without a Content-Type header (``None.split``). Called where
+    the served model loads (the server's own process), it wraps the two module functions once,
+    so that they answer 400 and 415 with a message; a no-op where MLflow no longer has them."""
+    from mlflow.pyfunc import scoring_server as server
+    from mlflow.utils.proto_json_utils import MlflowInvalidInputException
+
+    decode = getattr(server, "_decode_json_input", None)
+    invocations = getattr(server, "invocations", None)
+    if decode is None or invocations is None or getattr(invocations, "guarded", False):
+        return
+
+    def decode_json(json_input: Any) -> Any:
+        try:
+            return decode(json_input)
+        except RecursionError:
+            raise MlflowInvalidInputException(
+                "input: the JSON is nested too deeply to decode; send a flat list of "
+                "question strings") from None
+
+    def invocations_typed(data: Any, content_type: str | None, *args: Any) -> Any:
+        if content_type is None:
+            return server.InvocationsResponse(
+                response="no Content-Type header: send Content-Type: application/json",
+                status=415, mimetype="text/plain")
+        return invocations(data, content_type, *args)
+
+    invocations_typed.guarded = True  # type: ignore[attr-defined]
+    server._decode_json_input = decode_json
+    server.invocations = invocations_typed
+
+
 # MLflow warns, when the class is defined, that predict has no type hints: on purpose (the
 # explicit signature rules), so that warning is silenced here.
 with warnings.catch_warnings():
@@ -109,6 +143,7 @@ with warnings.catch_warnings():
             # with a shape mismatch (bench/serve_load.py: 16 of 208 requests, 4 clients). One
             # answer at a time; parallelism comes from `mlflow models serve -w N` processes.
             self.lock = threading.Lock()
+            guard_scoring_server()
 
         # No type hints: MLflow would read them as a signature (the explicit one rules).
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
