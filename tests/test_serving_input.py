@@ -205,6 +205,23 @@ def test_bad_requests_in_process(scoring_app: Any, body: bytes, ctype: str, stat
     assert good.status_code == 200 and len(good.json()["predictions"][0]["passages"]) == 2
 
 
+def test_the_scoring_server_guard_wraps_once_and_only_what_is_there(
+        scoring_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.pyfunc import scoring_server
+
+    from ragtrain.tracking.pyfunc import guard_scoring_server
+
+    wrapped = scoring_server.invocations  # the model's load wrapped it
+    assert wrapped.guarded
+    guard_scoring_server()  # a second model in the process: not wrapped twice
+    assert scoring_server.invocations is wrapped
+    # an MLflow without one of the functions: left as it is, the model still loads
+    monkeypatch.delattr(scoring_server, "_decode_json_input")
+    monkeypatch.setattr(scoring_server, "invocations", lambda *a: None)
+    guard_scoring_server()
+    assert not hasattr(scoring_server.invocations, "guarded")
+
+
 def test_good_inputs_in_process(scoring_app: Any) -> None:
     for body in (ask("a", "b"), split("a", "b"), js({"inputs": {"question": ["a", "b"]}}),
                  js({"instances": [{"question": "a"}, {"question": "b"}]}),

@@ -97,24 +97,25 @@ def guard_scoring_server() -> None:
     the served model loads (the server's own process), it wraps the two module functions once,
     so that they answer 400 and 415 with a message; a no-op where MLflow no longer has them."""
     from mlflow.pyfunc import scoring_server as server
-    from mlflow.utils.proto_json_utils import MlflowInvalidInputException
 
-    decode = getattr(server, "_decode_json_input", None)
-    invocations = getattr(server, "invocations", None)
-    if decode is None or invocations is None or getattr(invocations, "guarded", False):
+    names = ("_decode_json_input", "invocations", "MlflowInvalidInputException",
+             "InvocationsResponse")
+    if not all(hasattr(server, n) for n in names) or getattr(server.invocations, "guarded", 0):
         return
+    decode, invocations = server._decode_json_input, server.invocations
+    bad_input, response = server.MlflowInvalidInputException, server.InvocationsResponse
 
     def decode_json(json_input: Any) -> Any:
         try:
             return decode(json_input)
         except RecursionError:
-            raise MlflowInvalidInputException(
+            raise bad_input(
                 "input: the JSON is nested too deeply to decode; send a flat list of "
                 "question strings") from None
 
     def invocations_typed(data: Any, content_type: str | None, *args: Any) -> Any:
         if content_type is None:
-            return server.InvocationsResponse(
+            return response(
                 response="no Content-Type header: send Content-Type: application/json",
                 status=415, mimetype="text/plain")
         return invocations(data, content_type, *args)
