@@ -49,11 +49,10 @@ demo: venv
 
 # The whole test suite, slow integration tests included (what CI runs). pytest-xdist runs
 # TEST_WORKERS test modules at a time (a module's tests and its module-scoped fixtures stay in
-# one worker): most slow tests are one-core chains of subprocesses, server starts and waits, so
-# two workers left about a quarter of 2 cores idle (CPU time / wall time 1.5); three fill them
-# (README: make test); the slowest modules start first (tests/conftest.py: MODULE_SECONDS).
+# one worker): most slow tests are one-core chains of subprocesses and server starts, so two
+# workers fit 2 cores; the slowest modules start first (tests/conftest.py: MODULE_SECONDS).
 # TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 \
 	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
