@@ -14,6 +14,12 @@ reference build with the whole matrix loaded first (``build_index``, what build-
 before). Per index: build seconds, peak RSS, peak over the interpreter, the saved index's size,
 the preflight's estimate, recall@10 against exact search (the flat index) and queries/s. Timings
 are wall-clock on this machine (threads: ``--threads``); compare the ratios.
+
+``<kind>@mmap`` loads the index ``<kind>`` saved (run it after that kind) with
+``load_index(mmap=True)`` (``index.mmap``: searched from the file, for indexes larger than RAM)
+and searches it; its "build" column is the load time. Its memory is the private (anonymous)
+memory it holds over the interpreter, RssAnon in /proc/self/status, beside the loaded index's:
+the mapped file's pages are the OS's page cache, which it reclaims under pressure.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("flat", "flat@memory", "hnsw", "ivfpq", "ivfpq+refine", "ivfpq+refine-sq8")
+KINDS = ("flat", "flat@memory", "hnsw", "ivfpq", "ivfpq+refine", "ivfpq+refine-sq8",
+         "flat@mmap", "hnsw@mmap", "ivfpq@mmap", "ivfpq+refine-sq8@mmap")
 MB = 2**20
 
 
@@ -73,7 +80,9 @@ def worker(args: argparse.Namespace) -> None:
 
     faiss.omp_set_num_threads(args.threads)
     data = Path(args.data)
-    start = _status_bytes("VmRSS")  # the interpreter and faiss
+    start, start_anon = _status_bytes("VmRSS"), _status_bytes("RssAnon")  # the interpreter, faiss
+    if args.worker.endswith("@mmap"):
+        return search_mapped(args, data, start, start_anon)
     kind, in_memory = args.worker.removesuffix("@memory"), args.worker.endswith("@memory")
     x = np.load(data / "base.npy", mmap_mode=None if in_memory else "r")
     q = np.load(data / "queries.npy")
@@ -96,19 +105,47 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     _, top = search(idx, q, 10)
     search_s = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak, anon = _status_bytes("VmHWM"), _status_bytes("RssAnon")
     rows = np.array([[int(i) for i in r] + [-1] * (10 - len(r)) for r in top])  # (n_q, 10)
     np.save(data / f"top_{args.worker}.npy", rows)
-    with tempfile.TemporaryDirectory(dir=data) as tmp:
-        save_index(idx, Path(tmp) / "idx")
-        index_bytes = (Path(tmp) / "idx/index.faiss").stat().st_size
+    if in_memory:
+        with tempfile.TemporaryDirectory(dir=data) as tmp:
+            save_index(idx, Path(tmp) / "idx")
+            index_bytes = (Path(tmp) / "idx/index.faiss").stat().st_size
+    else:  # kept for <kind>@mmap
+        save_index(idx, data / f"idx_{args.worker}")
+        index_bytes = (data / f"idx_{args.worker}/index.faiss").stat().st_size
     est = estimate_index(n, dim, "ivfpq+refine" if refine else kind, cfg)
     print(json.dumps({"kind": args.worker, "build_s": build_s, "qps": len(q) / search_s,
                       "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
+                      "anon_mb": (anon - start_anon) / MB,
                       "index_mb": index_bytes / MB, "estimate_mb": (
                           MARGIN * (est.embeddings_bytes + max(est.index_bytes, est.build_bytes))
                           if in_memory else est.from_file_bytes) / MB,
                       "params": idx.meta.params}))
+
+
+def search_mapped(args: argparse.Namespace, data: Path, start: int, start_anon: int) -> None:
+    """Load the index ``<kind>`` saved with mmap=True, search it; print one JSON line."""
+    from ragtrain.retrieval.index import load_index, search
+
+    kind = args.worker.removesuffix("@mmap")
+    q = np.load(data / "queries.npy")
+    t0 = time.perf_counter()
+    idx = load_index(data / f"idx_{kind}", device="cpu", mmap=True)
+    load_s = time.perf_counter() - t0
+    search(idx, q[:10], 10)  # warm-up
+    t0 = time.perf_counter()
+    _, top = search(idx, q, 10)
+    search_s = time.perf_counter() - t0
+    peak, anon = _status_bytes("VmHWM"), _status_bytes("RssAnon")
+    rows = np.array([[int(i) for i in r] + [-1] * (10 - len(r)) for r in top])  # (n_q, 10)
+    np.save(data / f"top_{args.worker}.npy", rows)
+    print(json.dumps({"kind": args.worker, "build_s": load_s, "qps": len(q) / search_s,
+                      "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
+                      "anon_mb": (anon - start_anon) / MB,
+                      "index_mb": (data / f"idx_{kind}/index.faiss").stat().st_size / MB,
+                      "estimate_mb": 0.0, "params": idx.meta.params}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             top = np.load(Path(tmp) / f"top_{kind}.npy")
             exact = np.load(Path(tmp) / "top_flat.npy")
+            if kind.endswith("@mmap"):
+                loaded_top = Path(tmp) / f"top_{kind.removesuffix('@mmap')}.npy"
+                row["same_as_loaded"] = loaded_top.exists() and bool(
+                    np.array_equal(top, np.load(loaded_top)))
             row["recall_at_10"] = float(np.mean(
                 [len(set(a) & set(b) - {-1}) / 10 for a, b in zip(top, exact, strict=True)]))
             results.append(row)
-            print(f"{kind:>16}: build {row['build_s']:7.1f} s  peak {row['peak_mb']:7.0f} MB "
+            print(f"{kind:>21}: {'load' if kind.endswith('@mmap') else 'build'} "
+                  f"{row['build_s']:7.1f} s  peak {row['peak_mb']:7.0f} MB "
                   f"({row['over_interpreter_mb']:6.0f} over the interpreter; preflight estimate "
-                  f"{row['estimate_mb']:6.0f})  index {row['index_mb']:7.0f} MB  "
+                  f"{row['estimate_mb']:6.0f}; private {row['anon_mb']:6.0f})  "
+                  f"index {row['index_mb']:7.0f} MB  "
                   f"recall@10 {row['recall_at_10']:.3f}  {row['qps']:8.0f} q/s", flush=True)
     flat = next((r for r in results if r["kind"] == "flat"), None)
     loaded = next((r for r in results if r["kind"] == "flat@memory"), None)
@@ -170,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak / flat's {r['peak_mb'] / flat['peak_mb']:.2f}, "
                   f"index / flat's {r['index_mb'] / flat['index_mb']:.3f}, "
                   f"q/s / flat's {r['qps'] / flat['qps']:.1f}")
+    by_kind = {r["kind"]: r for r in results}
+    for r in results:  # searched from disk beside searched from memory
+        base = by_kind.get(r["kind"].removesuffix("@mmap"))
+        if r["kind"].endswith("@mmap") and base:
+            print(f"{r['kind']:>21}: private memory / loaded's "
+                  f"{r['anon_mb'] / max(base['anon_mb'], 1e-9):.3f} "
+                  f"({r['anon_mb']:.0f} vs {base['anon_mb']:.0f} MB), "
+                  f"q/s / loaded's {r['qps'] / base['qps']:.2f}, "
+                  f"same top-10 as loaded: {r['same_as_loaded']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -326,3 +326,36 @@ def test_build_from_npy_refuses_bad_files(tmp_path: Path) -> None:
     (tmp_path / "junk.npy").write_text("not numpy")
     with pytest.raises(RetrievalError, match=r"junk.npy: not a readable .npy file"):
         ix.build_index_from_npy(tmp_path / "junk.npy", ["a"], cfg, **kw)
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process memory-maps ``path`` (Linux /proc/self/maps)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("cfg", [
+    IndexConfig(kind="flat"),
+    IndexConfig(kind="hnsw", hnsw_m=8),
+    IndexConfig(kind="ivfpq", ivf_nlist=8, ivf_nprobe=4, pq_m=8, pq_bits=4),
+    IndexConfig(kind="ivfpq", ivf_nlist=8, ivf_nprobe=4, pq_m=8, pq_bits=4,
+                refine_k_factor=4, refine_store="sq8"),
+], ids=["flat", "hnsw", "ivfpq", "ivfpq-sq8-refine"])
+def test_mmap_load_searches_from_the_file_with_the_same_results(tmp_path: Path,
+                                                                cfg: IndexConfig) -> None:
+    """index.mmap: the saved file is mapped (not read into memory) and answers as the loaded
+    index does, scores included."""
+    x = unit(np.random.default_rng(5), 1500, 32)
+    ids = [f"p{i}" for i in range(len(x))]
+    ix.save_index(ix.build_index(x, ids, cfg, corpus_sha256="c", encoder_fingerprint="e"),
+                  tmp_path / "idx")
+    q = unit(np.random.default_rng(6), 20, 32)
+    loaded = ix.load_index(tmp_path / "idx", device="cpu")
+    assert not _mapped(tmp_path / "idx" / ix.INDEX_FILE)
+    mapped = ix.load_index(tmp_path / "idx", device="cpu", mmap=True)
+    assert _mapped(tmp_path / "idx" / ix.INDEX_FILE)
+    (s1, i1), (s2, i2) = ix.search(loaded, q, 10), ix.search(mapped, q, 10)
+    assert i1 == i2 and np.array_equal(s1, s2)
+    if cfg.kind == "ivfpq" and not cfg.refine_k_factor:  # the inverted lists are the mapped part
+        lists = faiss.extract_index_ivf(mapped.index).invlists
+        assert isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
+    del mapped

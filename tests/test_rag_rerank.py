@@ -130,3 +130,20 @@ def test_reranker_enabled_without_a_trained_one_is_a_clear_error(
            "trained" in capsys.readouterr().err
     assert (p / "artifacts/rag/rag.json").read_text() == before  # no half-written bundle
     assert json.loads(before)["reranker"] is None
+
+
+def test_index_search_settings_reach_the_bundle(tiny_rag_project: Path) -> None:
+    """index.mmap in params: `package` records it in the bundle's manifest and the loaded
+    bundle searches its index from the mapped file; the default leaves the manifest as it was."""
+    from ragtrain.generation.rag import RAGModel
+
+    p = tiny_rag_project
+    assert "index" not in json.loads((p / "artifacts/rag/rag.json").read_text())
+    with open(p / "params.yaml", "a") as f:
+        f.write("index:\n  mmap: true\n")
+    assert cli.main(["package"]) == 0
+    assert json.loads((p / "artifacts/rag/rag.json").read_text())["index"] == {"mmap": True}
+    m = RAGModel.load(p / "artifacts/rag")
+    maps = Path("/proc/self/maps").read_text()
+    assert str((p / "artifacts/rag/index/index.faiss").resolve()) in maps
+    assert m.answer(_questions(p)[:2])

@@ -73,7 +73,7 @@ def _load_rag(cfg: Config, paths: Paths, args: argparse.Namespace) -> Any:
     from ragtrain.pipeline.generation import model_parts
 
     return RAGModel.from_parts(cfg.retriever, **model_parts(cfg, paths),
-                               precision=cfg.generator.precision)
+                               precision=cfg.generator.precision, index_cfg=cfg.index)
 
 
 def _cmd_ask(cfg: Config, paths: Paths, args: argparse.Namespace) -> None:

@@ -163,8 +163,7 @@ class IndexConfig:
     ivf_nprobe: int = _f(8, ge=1)
     pq_m: int = _f(16, ge=1)  # sub-quantizers; must divide the embedding dimension
     pq_bits: int = _f(8, ge=1, le=16)
-    # ivfpq: re-rank refine_k_factor * k PQ candidates exactly (faiss IndexRefineFlat; keeps the
-    # raw vectors too, n * dim * 4 bytes); 0 = off
+    # ivfpq: re-rank refine_k_factor * k PQ candidates on vectors it also stores; 0 = off
     refine_k_factor: int = _f(0, ge=0)
     # what the re-ranking reads: flat (exact, 4 B/dim), fp16 (2 B/dim), sq8 (1 B/dim, trained)
     refine_store: Literal["flat", "fp16", "sq8"] = "flat"
@@ -175,7 +174,8 @@ class IndexConfig:
     # on its batch's padding by up to ~1e-3, so a warm-cache build can differ from a fresh
     # clone's in the last digits of the metrics (same top-1 measured; bench/incremental.py)
     embedding_cache: bool = False
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu when installed and a GPU is
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu where it sees a GPU
+    mmap: bool = False  # search the saved index from disk (memory-mapped): indexes past RAM
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtrain import runtime
-from ragtrain.config import RerankerConfig, RetrieverConfig, config_from_dict, to_dict
+from ragtrain.config import IndexConfig, RerankerConfig, RetrieverConfig, config_from_dict, to_dict
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import IndexMismatchError, RagtrainError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
@@ -99,12 +99,15 @@ class RAGModel:
     def from_parts(cls, rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path,
                    bm25_dir: Path, corpus_path: Path, generator_dir: Path | None = None,
                    precision: str = "auto", reranker_dir: Path | None = None,
-                   rerank: Rerank | None = None, reading: Reading | None = None) -> RAGModel:
+                   rerank: Rerank | None = None, reading: Reading | None = None,
+                   index_cfg: IndexConfig | None = None) -> RAGModel:
         """The model from its parts; no ``generator_dir``: a retriever model; a
-        ``reranker_dir``: reranked retrieval (``rerank`` settings)."""
+        ``reranker_dir``: reranked retrieval (``rerank`` settings); ``index_cfg``: how the
+        index is searched (device, mmap)."""
         corpus_sha = sha256_file(corpus_path)
         retriever = Retriever.load(rc.kind, rc, encoder_dir=encoder_dir, index_dir=index_dir,
-                                   bm25_dir=bm25_dir, corpus_sha256=corpus_sha)
+                                   bm25_dir=bm25_dir, corpus_sha256=corpus_sha,
+                                   index_cfg=index_cfg)
         generator = None
         if generator_dir is not None:
             from ragtrain.generation.generator import Generator
@@ -126,7 +129,9 @@ class RAGModel:
         if not f.exists():
             raise RagtrainError(f"{f}: missing; is {bundle} a RAG model bundle?")
         manifest = json.loads(f.read_text())
-        rc = config_from_dict({"retriever": manifest["retriever"]}, str(f)).retriever
+        parsed = config_from_dict({"retriever": manifest["retriever"],
+                                   "index": manifest.get("index") or {}}, str(f))
+        rc = parsed.retriever
         if manifest.get("encoder_fingerprint") != manifest.get("index_encoder_fingerprint"):
             raise IndexMismatchError(
                 f"{f}: the index was built by encoder {manifest.get('index_encoder_fingerprint')}"
@@ -146,7 +151,8 @@ class RAGModel:
                            reranker_dir=bundle / "reranker" if rr is not None else None,
                            rerank=Rerank(**{k: rr[k] for k in RERANK_KEYS if k in rr})
                            if rr is not None else None,
-                           reading=Reading(**manifest.get("reading") or {}))
+                           reading=Reading(**manifest.get("reading") or {}),
+                           index_cfg=parsed.index)
         m.manifest = manifest
         return m
 
@@ -231,10 +237,15 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
                   corpus_path: Path, out: Path, generator_dir: Path | None = None,
                   precision: str = "auto", reranker_dir: Path | None = None,
                   rerank: Rerank | None = None, reading: Reading | None = None,
+                  index_cfg: IndexConfig | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy every part into ``out`` (atomically) with a manifest; returns the manifest. No
     ``generator_dir``: a retriever bundle (kind "retriever"); a ``reranker_dir``: its
-    fingerprint and the ``rerank`` settings are bound in the manifest."""
+    fingerprint and the ``rerank`` settings are bound in the manifest; ``index_cfg``: how the
+    served model searches its index (recorded where not the default)."""
+    ic, default = index_cfg or IndexConfig(), IndexConfig()
+    search_keys = {k: getattr(ic, k) for k in ("device", "mmap")
+                   if getattr(ic, k) != getattr(default, k)}
     idx_meta = json.loads((index_dir / "meta.json").read_text())
     enc_meta = json.loads((encoder_dir / "retriever.json").read_text())
     manifest: dict[str, Any] = {
@@ -251,6 +262,7 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
         "reading": ({k: v for k, v in to_dict(reading or Reading()).items()
                      if not (k == "abstain_below" and v is None)}  # no abstention: as before
                     if generator_dir is not None else None),
+        **({"index": search_keys} if search_keys else {}),
         **(extra or {}),
     }
     if manifest["encoder_fingerprint"] != manifest["index_encoder_fingerprint"]:

@@ -361,4 +361,4 @@ def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
     if paths.generator_metrics.exists():
         extra["metrics"] = json.loads(paths.generator_metrics.read_text())
     return export_bundle(cfg.retriever, **parts, out=paths.bundle,
-                         precision=cfg.generator.precision, extra=extra)
+                         precision=cfg.generator.precision, index_cfg=cfg.index, extra=extra)

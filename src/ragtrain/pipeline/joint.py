@@ -92,7 +92,8 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
                             f"{paths.retriever}; rerun `ragtrain build-index`")
     emb = torch.from_numpy(np.load(paths.embeddings / "embeddings.npy"))
     index = load_index(paths.index, expect_encoder_fingerprint=fp,
-                       expect_corpus_sha256=corpus_sha)
+                       expect_corpus_sha256=corpus_sha, device=cfg.index.device,
+                       mmap=cfg.index.mmap)
 
     def rag_of(query: Tower, gen: Generator, passage: Tower | None = None) -> JointRAG:
         return JointRAG(query, retriever.tokenizer, retriever.spec.query_max_length, gen,
@@ -105,7 +106,7 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
 
     hybrid = (Retriever.load("hybrid", cfg.retriever, encoder_dir=paths.retriever,
                              index_dir=paths.index, bm25_dir=paths.bm25,
-                             corpus_sha256=corpus_sha)
+                             corpus_sha256=corpus_sha, index_cfg=cfg.index)
               if cfg.retriever.kind == "hybrid" else None)
 
     def evaluate(rag: JointRAG, name: str) -> dict[str, float]:

@@ -168,7 +168,8 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     questions = [r["question"] for r in rows]
     k = min(max(max(ec.recall_ks), ec.rank_cutoff), len(corpus.ids))
     r = Retriever.load("hybrid", rc, encoder_dir=paths.retriever, index_dir=paths.index,
-                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus),
+                       index_cfg=cfg.index)
     found = r.search_all(questions, _search_depth(cfg, k, len(corpus.ids)))
     ranked = {kind: [row[:k] for row in ids] for kind, (_, ids) in found.items()}
     if reranker is not None:  # the configured first stage's list, reranked
@@ -218,7 +219,8 @@ def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
     corpus = Corpus.load(paths.corpus)
     reranker = _load_reranker(cfg, paths)
     r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
-                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+                       bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus),
+                       index_cfg=cfg.index)
     depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
     stats: dict[str, float] = {}
     with atomic_path(paths.retrieved) as tmp:
@@ -267,7 +269,8 @@ def run_retrieve_unanswerable(cfg: Config, paths: Paths) -> dict[str, float]:
         corpus = Corpus.load(paths.corpus)
         reranker = _load_reranker(cfg, paths)
         r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,
-                           bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus))
+                           bm25_dir=paths.bm25, corpus_sha256=sha256_file(paths.corpus),
+                           index_cfg=cfg.index)
         depth = min(max(RETRIEVE_DEPTH, rc.top_k), len(corpus.ids))
         for split, n in (("dev", ab.dev_questions), ("test", ab.test_questions)):
             every = read_queries(paths, split)

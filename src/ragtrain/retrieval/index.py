@@ -29,6 +29,11 @@ use randomness beyond HNSW's fixed level generator.
 then the vectors a chunk at a time, so the build holds the index, not the embeddings (what
 ``build-index`` does after saving them). Flat and IVF-PQ indexes come out byte-identical to
 ``build_index`` over the loaded array.
+
+``load_index(..., mmap=True)`` (``index.mmap``) searches the saved file from disk, for indexes
+larger than RAM: faiss memory-maps IVF-PQ's inverted lists (``IO_FLAG_MMAP``) or else the stored
+vectors (``IO_FLAG_MMAP_IFC``: flat's, HNSW's, IVF-PQ + refine's re-ranking copy, its largest
+part; faiss maps one or the other). The OS pages in what searches touch; results are identical.
 """
 
 from __future__ import annotations
@@ -368,8 +373,10 @@ def load_index(
     expect_encoder_fingerprint: str | None = None,
     expect_corpus_sha256: str | None = None,
     device: str = "auto",
+    mmap: bool = False,
 ) -> DenseIndex:
-    """Read an index folder written by ``save_index``, verifying its integrity and provenance."""
+    """Read an index folder written by ``save_index``, verifying its integrity and provenance;
+    ``mmap``: search it from disk (see the module doc)."""
     in_dir = Path(in_dir)
     if not in_dir.is_dir():
         raise IndexFileError(f"{in_dir}: no index folder here; build it (ragtrain build-index)")
@@ -395,8 +402,10 @@ def load_index(
             f"{index_path}: corrupted (sha256 {got} does not match {meta.index_sha256} in "
             f"{META_FILE}); rebuild the index (ragtrain build-index)"
         )
+    plain_ivf = meta.kind == "ivfpq" and not meta.params.get("refine_k_factor")
+    flags = (faiss.IO_FLAG_MMAP if plain_ivf else faiss.IO_FLAG_MMAP_IFC) if mmap else 0
     try:
-        index = faiss.read_index(str(index_path))
+        index = faiss.read_index(str(index_path), flags)
     except RuntimeError as e:
         raise IndexFileError(
             f"{index_path}: faiss cannot read it ({e}); rebuild the index"

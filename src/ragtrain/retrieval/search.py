@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ragtrain import runtime
-from ragtrain.config import RetrieverConfig
+from ragtrain.config import IndexConfig, RetrieverConfig
 from ragtrain.errors import RetrievalError
 from ragtrain.retrieval import fusion
 from ragtrain.retrieval.bm25 import BM25Retriever
@@ -29,14 +29,18 @@ class Retriever:
 
     @classmethod
     def load(cls, kind: str, cfg: RetrieverConfig, *, encoder_dir: Path, index_dir: Path,
-             bm25_dir: Path, corpus_sha256: str | None = None) -> Retriever:
+             bm25_dir: Path, corpus_sha256: str | None = None,
+             index_cfg: IndexConfig | None = None) -> Retriever:
         """Load what ``kind`` needs; the index must have been built by this encoder (and from
-        the corpus with ``corpus_sha256``, when given)."""
+        the corpus with ``corpus_sha256``, when given); ``index_cfg``: where its search runs
+        (``device``) and whether from disk (``mmap``)."""
         encoder = index = bm25 = None
         if kind in ("dense", "hybrid"):
             encoder = BiEncoder.load(encoder_dir).use_runtime(cfg.runtime)
+            ic = index_cfg or IndexConfig()
             index = load_index(index_dir, expect_encoder_fingerprint=encoder.fingerprint(),
-                               expect_corpus_sha256=corpus_sha256)
+                               expect_corpus_sha256=corpus_sha256, device=ic.device,
+                               mmap=ic.mmap)
         if kind in ("bm25", "hybrid"):
             bm25 = BM25Retriever.load(bm25_dir, expect_corpus_sha256=corpus_sha256)
         if index is not None and bm25 is not None and (
