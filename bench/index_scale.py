@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind:>21}: {'load' if kind.endswith('@mmap') else 'build'} "
                   f"{row['build_s']:7.1f} s  peak {row['peak_mb']:7.0f} MB "
                   f"({row['over_interpreter_mb']:6.0f} over the interpreter; preflight estimate "
-                  f"{row['estimate_mb']:6.0f}; private {row['anon_mb']:6.0f})  "
+                  f"{row['estimate_mb'] or float('nan'):6.0f}; private {row['anon_mb']:6.0f})  "
                   f"index {row['index_mb']:7.0f} MB  "
                   f"recall@10 {row['recall_at_10']:.3f}  {row['qps']:8.0f} q/s", flush=True)
     flat = next((r for r in results if r["kind"] == "flat"), None)
