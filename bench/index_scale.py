@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,12 +71,25 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def timed_search(idx: Any, q: np.ndarray, out: Path) -> tuple[float, int, int]:
+    """Top-10 of every query (saved to ``out`` as rows, -1 where short): queries/s, then this
+    process's peak RSS and private memory (bytes)."""
+    from ragtrain.retrieval.index import search
+
+    search(idx, q[:10], 10)  # warm-up
+    t0 = time.perf_counter()
+    _, top = search(idx, q, 10)
+    qps = len(q) / (time.perf_counter() - t0)
+    np.save(out, np.array([[int(i) for i in r] + [-1] * (10 - len(r)) for r in top]))
+    return qps, _status_bytes("VmHWM"), _status_bytes("RssAnon")
+
+
 def worker(args: argparse.Namespace) -> None:
     """Build and search one index; print one JSON line."""
     import faiss
 
     from ragtrain.config import IndexConfig
-    from ragtrain.retrieval.index import build_index, build_index_from_npy, save_index, search
+    from ragtrain.retrieval.index import build_index, build_index_from_npy, save_index
     from ragtrain.retrieval.preflight import MARGIN, estimate_index
 
     faiss.omp_set_num_threads(args.threads)
@@ -101,13 +115,7 @@ def worker(args: argparse.Namespace) -> None:
         idx = build_index_from_npy(data / "base.npy", ids, cfg, corpus_sha256="",
                                    encoder_fingerprint="", seed=0)
     build_s = time.perf_counter() - t0
-    search(idx, q[:10], 10)  # warm-up
-    t0 = time.perf_counter()
-    _, top = search(idx, q, 10)
-    search_s = time.perf_counter() - t0
-    peak, anon = _status_bytes("VmHWM"), _status_bytes("RssAnon")
-    rows = np.array([[int(i) for i in r] + [-1] * (10 - len(r)) for r in top])  # (n_q, 10)
-    np.save(data / f"top_{args.worker}.npy", rows)
+    qps, peak, anon = timed_search(idx, q, data / f"top_{args.worker}.npy")
     if in_memory:
         with tempfile.TemporaryDirectory(dir=data) as tmp:
             save_index(idx, Path(tmp) / "idx")
@@ -116,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
         save_index(idx, data / f"idx_{args.worker}")
         index_bytes = (data / f"idx_{args.worker}/index.faiss").stat().st_size
     est = estimate_index(n, dim, "ivfpq+refine" if refine else kind, cfg)
-    print(json.dumps({"kind": args.worker, "build_s": build_s, "qps": len(q) / search_s,
+    print(json.dumps({"kind": args.worker, "build_s": build_s, "qps": qps,
                       "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
                       "anon_mb": (anon - start_anon) / MB,
                       "index_mb": index_bytes / MB, "estimate_mb": (
@@ -127,21 +135,15 @@ def worker(args: argparse.Namespace) -> None:
 
 def search_mapped(args: argparse.Namespace, data: Path, start: int, start_anon: int) -> None:
     """Load the index ``<kind>`` saved with mmap=True, search it; print one JSON line."""
-    from ragtrain.retrieval.index import load_index, search
+    from ragtrain.retrieval.index import load_index
 
     kind = args.worker.removesuffix("@mmap")
     q = np.load(data / "queries.npy")
     t0 = time.perf_counter()
     idx = load_index(data / f"idx_{kind}", device="cpu", mmap=True)
     load_s = time.perf_counter() - t0
-    search(idx, q[:10], 10)  # warm-up
-    t0 = time.perf_counter()
-    _, top = search(idx, q, 10)
-    search_s = time.perf_counter() - t0
-    peak, anon = _status_bytes("VmHWM"), _status_bytes("RssAnon")
-    rows = np.array([[int(i) for i in r] + [-1] * (10 - len(r)) for r in top])  # (n_q, 10)
-    np.save(data / f"top_{args.worker}.npy", rows)
-    print(json.dumps({"kind": args.worker, "build_s": load_s, "qps": len(q) / search_s,
+    qps, peak, anon = timed_search(idx, q, data / f"top_{args.worker}.npy")
+    print(json.dumps({"kind": args.worker, "build_s": load_s, "qps": qps,
                       "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
                       "anon_mb": (anon - start_anon) / MB,
                       "index_mb": (data / f"idx_{kind}/index.faiss").stat().st_size / MB,
