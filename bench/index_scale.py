@@ -115,22 +115,13 @@ def worker(args: argparse.Namespace) -> None:
         idx = build_index_from_npy(data / "base.npy", ids, cfg, corpus_sha256="",
                                    encoder_fingerprint="", seed=0)
     build_s = time.perf_counter() - t0
-    qps, peak, anon = timed_search(idx, q, data / f"top_{args.worker}.npy")
-    if in_memory:
-        with tempfile.TemporaryDirectory(dir=data) as tmp:
-            save_index(idx, Path(tmp) / "idx")
-            index_bytes = (Path(tmp) / "idx/index.faiss").stat().st_size
-    else:  # kept for <kind>@mmap
-        save_index(idx, data / f"idx_{args.worker}")
-        index_bytes = (data / f"idx_{args.worker}/index.faiss").stat().st_size
+    searched = timed_search(idx, q, data / f"top_{args.worker}.npy")
+    save_index(idx, data / f"idx_{args.worker}")  # its size; <kind>@mmap loads it
     est = estimate_index(n, dim, "ivfpq+refine" if refine else kind, cfg)
-    print(json.dumps({"kind": args.worker, "build_s": build_s, "qps": qps,
-                      "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
-                      "anon_mb": (anon - start_anon) / MB,
-                      "index_mb": index_bytes / MB, "estimate_mb": (
-                          MARGIN * (est.embeddings_bytes + max(est.index_bytes, est.build_bytes))
-                          if in_memory else est.from_file_bytes) / MB,
-                      "params": idx.meta.params}))
+    print_row(args.worker, build_s, searched, (start, start_anon), data / f"idx_{args.worker}",
+              idx.meta.params, (MARGIN * (est.embeddings_bytes + max(est.index_bytes,
+                                                                     est.build_bytes))
+                                if in_memory else est.from_file_bytes))
 
 
 def search_mapped(args: argparse.Namespace, data: Path, start: int, start_anon: int) -> None:
@@ -142,12 +133,23 @@ def search_mapped(args: argparse.Namespace, data: Path, start: int, start_anon: 
     t0 = time.perf_counter()
     idx = load_index(data / f"idx_{kind}", device="cpu", mmap=True)
     load_s = time.perf_counter() - t0
-    qps, peak, anon = timed_search(idx, q, data / f"top_{args.worker}.npy")
-    print(json.dumps({"kind": args.worker, "build_s": load_s, "qps": qps,
-                      "peak_mb": peak / MB, "over_interpreter_mb": (peak - start) / MB,
-                      "anon_mb": (anon - start_anon) / MB,
-                      "index_mb": (data / f"idx_{kind}/index.faiss").stat().st_size / MB,
-                      "estimate_mb": 0.0, "params": idx.meta.params}))
+    searched = timed_search(idx, q, data / f"top_{args.worker}.npy")
+    print_row(args.worker, load_s, searched, (start, start_anon), data / f"idx_{kind}",
+              idx.meta.params, None)
+
+
+def print_row(kind: str, seconds: float, searched: tuple[float, int, int],
+              start: tuple[int, int], index_dir: Path, params: dict,
+              estimate: float | None) -> None:
+    """One worker's JSON line: build (or load) seconds, timed_search's figures over the
+    interpreter's ``start`` (RSS, private), the saved index's size, the preflight's estimate."""
+    qps, peak, anon = searched
+    print(json.dumps({"kind": kind, "build_s": seconds, "qps": qps, "peak_mb": peak / MB,
+                      "over_interpreter_mb": (peak - start[0]) / MB,
+                      "anon_mb": (anon - start[1]) / MB,
+                      "index_mb": (index_dir / "index.faiss").stat().st_size / MB,
+                      "estimate_mb": None if estimate is None else estimate / MB,
+                      "params": params}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             row["recall_at_10"] = float(np.mean(
                 [len(set(a) & set(b) - {-1}) / 10 for a, b in zip(top, exact, strict=True)]))
             results.append(row)
+            estimate = "-" if row["estimate_mb"] is None else f"{row['estimate_mb']:.0f}"
             print(f"{kind:>21}: {'load' if kind.endswith('@mmap') else 'build'} "
                   f"{row['build_s']:7.1f} s  peak {row['peak_mb']:7.0f} MB "
                   f"({row['over_interpreter_mb']:6.0f} over the interpreter; preflight estimate "
-                  f"{row['estimate_mb'] or float('nan'):6.0f}; private {row['anon_mb']:6.0f})  "
+                  f"{estimate:>6}; private {row['anon_mb']:6.0f})  "
                   f"index {row['index_mb']:7.0f} MB  "
                   f"recall@10 {row['recall_at_10']:.3f}  {row['qps']:8.0f} q/s", flush=True)
     flat = next((r for r in results if r["kind"] == "flat"), None)
