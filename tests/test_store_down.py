@@ -30,13 +30,21 @@ pytestmark = pytest.mark.slow
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+def cmdline(p: psutil.Process) -> list[str]:
+    """``p``'s command line, or [] for a process that ended since it was listed (a short-lived
+    child of the server, or of an earlier stage, can exit between the listing and the read)."""
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
 def server_pids(port: int) -> list[str]:
     """The `mlflow server` on ``port`` started by this process, and all its descendants."""
     me = psutil.Process()
-    tops = [p for p in me.children(recursive=True)
-            if "server" in p.cmdline() and str(port) in p.cmdline()
-            and p.parent() is not None and p.parent().pid == me.pid]
-    assert len(tops) == 1, [p.cmdline() for p in tops]
+    tops = [p for p in me.children(recursive=False)
+            if "server" in cmdline(p) and str(port) in cmdline(p)]
+    assert len(tops) == 1, [cmdline(p) for p in tops]
     return [str(p.pid) for p in [tops[0], *tops[0].children(recursive=True)]]
 
 
