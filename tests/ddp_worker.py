@@ -4,11 +4,12 @@
     python tests/ddp_worker.py KIND VARIANT MODEL_DIR OUT_DIR
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py ...
 
-KIND: retriever, reranker or generator. VARIANT: ``even`` (batches of 5 split 3 + 2, two
-micro-batches accumulated) or ``tail`` (micro-batches smaller than the world: the idle rank
-computes with weight 0). Environment: DDP_CRASH_AT=STEP makes rank 0 fail once that step is
-logged (torchrun then stops every rank); DDP_RESUME=1 resumes from the checkpoint folder;
-DDP_DEVICE=cuda trains the retriever on this rank's GPU (bench/gpu_check.py: DDP over nccl).
+KIND: retriever, reranker, generator, or refresh (joint training's index refresh). VARIANT:
+``even`` (batches of 5 split 3 + 2, two micro-batches accumulated) or ``tail`` (micro-batches
+smaller than the world: the idle rank computes with weight 0). Environment: DDP_CRASH_AT=STEP
+makes rank 0 fail once that step is logged (torchrun then stops every rank); DDP_RESUME=1
+resumes from the checkpoint folder; DDP_DEVICE=cuda trains the retriever on this rank's GPU
+(bench/gpu_check.py: DDP over nccl).
 """
 
 from __future__ import annotations
@@ -130,10 +131,58 @@ def train_generator(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.
     return gen.model, log
 
 
+def refresh_index(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.Module, list]:
+    """Joint training's index refresh at step 1 (twice: the second is a no-op), then as a resumed
+    run (a fresh ``IndexRefresh``); each rank writes the matrix it holds and the passages it
+    encoded (``rank<r>.npy``, ``rank<r>.json`` beside the checkpoint folder)."""
+    import numpy as np
+
+    from ragtrain.config import JointConfig
+    from ragtrain.generation import joint_refresh
+    from ragtrain.generation.generator import Generator
+    from ragtrain.generation.joint import FixedPassages, JointRAG
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+
+    corpus, _, dev = toy()
+    torch.manual_seed(0)
+    bi = BiEncoder.from_pretrained(EncoderSpec(model_dir, shared_encoder=False))
+    gen = Generator.from_pretrained(GeneratorConfig(model_name=model_dir, max_source_tokens=64,
+                                                    max_answer_tokens=8))
+    stale = torch.zeros(len(corpus.ids), bi.passage.model.config.hidden_size)
+    rag = JointRAG(bi.query_tower, bi.tokenizer, 32, gen, FixedPassages(corpus.ids, stale),
+                   {p.passage_id: p for p in corpus.passages}, JointConfig(top_k=2),
+                   passage=bi.passage, passage_texts=passage_inputs(corpus.passages),
+                   passage_max_length=48)
+    encoded: list[int] = []  # the passages each call of the passage tower encoded
+    plain = joint_refresh.encode
+
+    def counted(tower: torch.nn.Module, tok: object, texts: list[str], *a: int) -> np.ndarray:
+        if tower is bi.passage:
+            encoded.append(len(texts))
+        return plain(tower, tok, texts, *a)
+
+    joint_refresh.encode = counted
+    log: list = []
+    ckpt.mkdir(parents=True, exist_ok=True)
+    refresh = joint_refresh.IndexRefresh(rag, 1, ckpt, dev, k=2, batch_size=4,
+                                         on_refresh=lambda s, d: log.append([s, dict(d)]))
+    refresh(1)
+    refresh(1)  # the same step: nothing to do
+    fresh = rag.passages.emb.clone()
+    rag.passages.emb = stale
+    joint_refresh.IndexRefresh(rag, 1, ckpt, dev, k=2)(1)  # resumed: the saved matrix
+    r = distributed.rank()
+    np.save(ckpt.parent / f"rank{r}.npy", fresh.numpy())
+    (ckpt.parent / f"rank{r}.json").write_text(json.dumps({
+        "encoded": encoded, "resumed_equal": bool(rag.passages.emb.equal(fresh)),
+        "files": sorted(f.name for f in ckpt.iterdir())}))
+    return rag.model, log
+
+
 def main() -> None:
     kind, variant, model_dir, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
     fn = {"retriever": train_retriever, "reranker": train_reranker,
-          "generator": train_generator}[kind]
+          "generator": train_generator, "refresh": refresh_index}[kind]
     model, log = fn(model_dir, out / "ckpt", variant)
     if distributed.is_main():
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},

@@ -87,6 +87,30 @@ def _train(kind: str, variant: str, model: Path, out: Path, nproc: int, fails: b
 
 
 @pytest.mark.slow
+def test_index_refresh_encodes_shares_and_every_rank_gets_the_whole_matrix(
+        tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Joint training's index refresh under torchrun: each of 2 ranks encodes half the corpus,
+    both hold the matrix one process computes, rank 0 alone measures the staleness and writes
+    the refresh file, and a resumed run reads it on every rank instead of encoding."""
+    import numpy as np
+
+    one = _train("refresh", "-", tiny_bert_dir, tmp_path / "one", 1)
+    two = _train("refresh", "-", tiny_bert_dir, tmp_path / "two", 2)
+    ranks = [json.loads((tmp_path / f"two/rank{r}.json").read_text()) for r in (0, 1)]
+    solo = json.loads((tmp_path / "one/rank0.json").read_text())
+    assert solo["encoded"] == [10] and [r["encoded"] for r in ranks] == [[5], [5]]
+    assert solo["files"] == ranks[0]["files"] == ["refresh_00000001.npy"]
+    assert solo["resumed_equal"] and all(r["resumed_equal"] for r in ranks)
+    want = np.load(tmp_path / "one/rank0.npy")
+    for r in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"two/rank{r}.npy"), want, atol=1e-5)
+    assert [s for s, _ in one["log"]] == [s for s, _ in two["log"]] == [1]  # rank 0's, once
+    a, b = one["log"][0][1], two["log"][0][1]
+    assert a["refresh/fresh_recall_at_2"] == b["refresh/fresh_recall_at_2"]
+    assert a["refresh/stale_recall_at_2"] == b["refresh/stale_recall_at_2"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "variant"), [("retriever", "even"), ("retriever", "tail"),
                                                ("reranker", "even"),
                                                ("generator", "even"), ("generator", "tail")])

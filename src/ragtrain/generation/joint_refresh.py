@@ -7,6 +7,10 @@ against the refreshed ones) and its cost in seconds.
 
 Resuming stays exact: each refreshed matrix is saved in the checkpoint folder under the step it
 was computed at, and a resumed run loads the one an uninterrupted run would hold at that step.
+
+Under torchrun every rank searches with the whole matrix, but each encodes only its share of the
+corpus (``distributed.share``); the shares are gathered on every rank, and rank 0 alone measures
+the staleness and writes the file.
 """
 
 from __future__ import annotations
@@ -19,18 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from ragtrain import runtime
+from ragtrain import distributed, runtime
 from ragtrain.generation.joint import JointRAG, exact_top
 from ragtrain.retrieval.encoder import encode
 
 
 def encode_corpus(rag: JointRAG, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
-    """The corpus under ``rag``'s current passage tower # (n, D)."""
+    """The corpus under ``rag``'s current passage tower # (n, D). Under torchrun a collective:
+    every rank calls it, encodes its share, and gets the whole matrix."""
     assert rag.model.passage is not None
+    texts = rag.passage_texts
+    mine = distributed.work(len(texts))  # all of them in one process
     with runtime.autocast(bf16):
-        emb = encode(rag.model.passage, rag.tokenizer, rag.passage_texts, rag.passage_max_length,
-                     batch_size)
-    return torch.from_numpy(emb)
+        emb = encode(rag.model.passage, rag.tokenizer, [texts[i] for i in mine],
+                     rag.passage_max_length, batch_size)
+    with torch.no_grad():
+        return distributed.gather_rows(torch.from_numpy(emb), len(texts))
 
 
 class IndexRefresh:
@@ -71,22 +79,24 @@ class IndexRefresh:
         if due == self.version:
             return
         f = self._file(due)
-        if f.exists():  # resumed: the matrix the uninterrupted run computed at this step
-            self.rag.passages.emb = torch.from_numpy(np.load(f))
+        if distributed.broadcast(f.exists()):  # resumed (rank 0 decides: all ranks encode)
+            self.rag.passages.emb = torch.from_numpy(np.load(f))  # the uninterrupted run's
         else:
             t0 = time.perf_counter()
             new = encode_corpus(self.rag, self.batch_size, self.bf16)
             seconds = time.perf_counter() - t0
-            staleness = {f"refresh/stale_recall_at_{self.k}": self.recall(self.rag.passages.emb),
-                         f"refresh/fresh_recall_at_{self.k}": self.recall(new)} if self.dev else {}
-            tmp = f.with_suffix(".tmp.npy")
-            np.save(tmp, new.numpy())
-            tmp.replace(f)
-            self.rag.passages.emb = new
             self.count += 1
             self.seconds += seconds
-            self.last = {**staleness, "refresh/seconds": seconds}
-            if self.on_refresh:
-                self.on_refresh(step, self.last)
+            if distributed.is_main():
+                staleness = {
+                    f"refresh/stale_recall_at_{self.k}": self.recall(self.rag.passages.emb),
+                    f"refresh/fresh_recall_at_{self.k}": self.recall(new)} if self.dev else {}
+                tmp = f.with_suffix(".tmp.npy")
+                np.save(tmp, new.numpy())
+                tmp.replace(f)
+                self.last = {**staleness, "refresh/seconds": seconds}
+                if self.on_refresh:
+                    self.on_refresh(step, self.last)
+            self.rag.passages.emb = new
         self.rag.passages.index = None  # the saved index no longer matches: exact search
         self.version = due

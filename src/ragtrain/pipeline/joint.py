@@ -151,14 +151,14 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
                            on_refresh=record) if jc.refresh_every else None
     state = train_joint(rag, train, dev, jc, seed=cfg.seed, ckpt_dir=ckpt, resume=resumed,
                         signature=signature, on_step=record, progress=progress, refresh=refresh)
+    if rag.model.passage is not None:  # the final passage tower's embeddings, saved below
+        rag.passages.emb = encode_corpus(rag, bf16=bf16)  # under torchrun: by every rank
+        rag.passages.index = None
     if not distributed.is_main():  # torchrun: rank 0 alone writes the outputs
         return {}
     if refresh is not None:
         metrics.update({"refresh/count": refresh.count, "refresh/seconds": refresh.seconds,
                         **refresh.last})
-    if rag.model.passage is not None:  # the final passage tower's embeddings, saved below
-        rag.passages.emb = encode_corpus(rag, bf16=bf16)
-        rag.passages.index = None
     metrics.update(evaluate(rag, "joint"))
     # the saved retriever: the trained query tower beside the pipeline's passage tower, so the
     # passage embeddings (artifacts/embeddings) and the index stay valid for it (or, with
