@@ -211,6 +211,8 @@ def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
     refreshes = [(s, x) for s, x in logs if "refresh/seconds" in x]
     assert [s for s, _ in refreshes] == [2] and m["refresh/count"] == 1
     assert {"refresh/stale_recall_at_2", "refresh/fresh_recall_at_2"} <= set(refreshes[0][1])
+    # the refreshed embeddings, fused with BM25, as the RAG model retrieves (`hybrid`)
+    assert "test/joint_hybrid/em" in m and "dev/joint_hybrid/recall_at_1" in m
     out = tiny_rag_project / "artifacts/rag_joint"
     pipe = load_file(str(tiny_rag_project / "artifacts/retriever/query/model.safetensors"))
     passage = load_file(str(out / "retriever/passage/model.safetensors"))

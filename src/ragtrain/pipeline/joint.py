@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ragtrain.config import Config, to_dict
+from ragtrain.config import Config, IndexConfig, to_dict
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 from ragtrain.pipeline.code import code_hashes
 from ragtrain.pipeline.paths import Paths, read_queries
@@ -71,7 +71,7 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
     from ragtrain.generation.joint_refresh import IndexRefresh, encode_corpus
     from ragtrain.pipeline.history import TrainingRecord
     from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, Tower, passage_inputs
-    from ragtrain.retrieval.index import load_index
+    from ragtrain.retrieval.index import build_index, load_index
     from ragtrain.retrieval.search import Retriever
     from ragtrain.trainer import prepare_ckpt_dir, seed_everything
 
@@ -121,7 +121,12 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
                   "batch_size": jc.eval_batch_size, "bf16": bf16}
             m = evaluate_joint(rag, rows, **kw)
             out.update({f"{s}/{name}/{k.split('/', 1)[1]}": v for k, v in m.items()})
-            if hybrid is not None and rag.passages.index is not None:
+            if hybrid is not None:
+                if rag.passages.index is None:  # refreshed embeddings: fused with BM25 too
+                    hybrid.index = build_index(
+                        rag.passages.emb.numpy(), rag.passages.ids,
+                        IndexConfig(kind="flat", device="cpu"), corpus_sha256=corpus_sha,
+                        encoder_fingerprint="")
                 hybrid.encoder = BiEncoder(rag.model.query, retriever.passage,
                                            retriever.tokenizer, retriever.spec)
                 ranked = hybrid.search_all([r["question"] for r in rows],
