@@ -9,7 +9,7 @@ Resuming stays exact: each refreshed matrix is saved in the checkpoint folder un
 was computed at, and a resumed run loads the one an uninterrupted run would hold at that step.
 
 Under torchrun every rank searches with the whole matrix, but each encodes only its share of the
-corpus (``distributed.share``); the shares are gathered on every rank, and rank 0 alone measures
+corpus (``distributed.work``); the shares are gathered on every rank, and rank 0 alone measures
 the staleness and writes the file.
 """
 
@@ -79,7 +79,7 @@ class IndexRefresh:
         if due == self.version:
             return
         f = self._file(due)
-        if distributed.broadcast(f.exists()):  # resumed (rank 0 decides: all ranks encode)
+        if distributed.broadcast(f.exists()):  # resumed (rank 0 decides for every rank)
             self.rag.passages.emb = torch.from_numpy(np.load(f))  # the uninterrupted run's
         else:
             t0 = time.perf_counter()

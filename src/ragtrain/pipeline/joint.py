@@ -114,6 +114,14 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
         with ``retriever.kind: hybrid``, also as the RAG model retrieves (``{name}_hybrid``:
         fused with BM25, the generator reading ``retriever.top_k`` passages, as `evaluate`)."""
         out: dict[str, float] = {}
+        if hybrid is not None:
+            if rag.passages.index is None:  # refreshed embeddings: fused with BM25 too
+                hybrid.index = build_index(
+                    rag.passages.emb.numpy(), rag.passages.ids,
+                    IndexConfig(kind="flat", device="cpu"), corpus_sha256=corpus_sha,
+                    encoder_fingerprint="")
+            hybrid.encoder = BiEncoder(rag.model.query, retriever.passage, retriever.tokenizer,
+                                       retriever.spec)
         for s, rows in (("dev", dev), (split, test)):
             if not rows:
                 continue
@@ -122,13 +130,6 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
             m = evaluate_joint(rag, rows, **kw)
             out.update({f"{s}/{name}/{k.split('/', 1)[1]}": v for k, v in m.items()})
             if hybrid is not None:
-                if rag.passages.index is None:  # refreshed embeddings: fused with BM25 too
-                    hybrid.index = build_index(
-                        rag.passages.emb.numpy(), rag.passages.ids,
-                        IndexConfig(kind="flat", device="cpu"), corpus_sha256=corpus_sha,
-                        encoder_fingerprint="")
-                hybrid.encoder = BiEncoder(rag.model.query, retriever.passage,
-                                           retriever.tokenizer, retriever.spec)
                 ranked = hybrid.search_all([r["question"] for r in rows],
                                            min(max(*ks, cutoff), len(emb)))["hybrid"][1]
                 m = evaluate_joint(rag, rows, **kw, ranked=ranked,
