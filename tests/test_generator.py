@@ -351,3 +351,35 @@ def test_length_grouped_batches_cover_every_example_once() -> None:
     assert spread < 0.5 * sum(max(len(e["ids"]) for e in enc[i:i + 8]) - min(
         len(e["ids"]) for e in enc[i:i + 8]) for i in range(0, 96, 8))
     assert out == length_grouped(enc, 8, random.Random(0), length=length, pool=4)  # same order
+
+
+def test_decoding_steps_attend_eagerly_on_the_cpu_and_answer_the_same(
+        tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source pass runs SDPA, each one-token decoding step the eager attention (faster on
+    the CPU), SDPA again afterwards; the answers are those of SDPA throughout."""
+    import contextlib
+
+    import ragtrain.generation.copy as copy_module
+
+    g = copy_gen(tiny_bert_dir, num_beams=2)
+    backbone = g.model.backbone
+    seen: list[tuple[str, int]] = []
+    forward = backbone.forward
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append((backbone.config._attn_implementation, kw["input_ids"].shape[1]))
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(backbone, "forward", spy)
+    exs = [Example("who won?", PASSAGES), Example("what?", PASSAGES[1:])]
+    preds = g.answer(exs)
+    assert seen[0][0] == "sdpa" and seen[0][1] > 1
+    assert len(seen) > 1 and all(s == ("eager", 1) for s in seen[1:])
+    assert backbone.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(copy_module, "one_token_attention", lambda m: contextlib.nullcontext())
+    seen.clear()
+    again = g.answer(exs)
+    assert all(s[0] == "sdpa" for s in seen)
+    assert [p.answer for p in again] == [p.answer for p in preds]
+    for a, b in zip(again, preds, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)

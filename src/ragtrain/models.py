@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,23 @@ def set_training(model: Any, training: bool) -> None:
         m._ragtrain_attention = own  # what it was built with: only SDPA is switched
         if own == "sdpa":
             m.set_attn_implementation("eager" if training else "sdpa")
+
+
+@contextmanager
+def one_token_attention(model: Any) -> Iterator[None]:
+    """Within it, a BERT-style ``model`` on the CPU whose attention is SDPA attends with the eager
+    kernel: for the one-token queries of KV-cached decoding steps, PyTorch's CPU SDPA (flash)
+    kernel took 3.6 ms where the eager matmuls take 0.8 (bf16, 64 x 12 heads over 200 keys, 2
+    cores), while SDPA stays the faster for the source pass. The same function either way."""
+    first = next(iter(model.parameters()), None)
+    cfg = getattr(model, "config", None)
+    if (first is None or first.device.type != "cpu" or model.training
+            or getattr(cfg, "model_type", None) not in EAGER_TRAINING_TYPES
+            or getattr(cfg, "_attn_implementation", None) != "sdpa"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")

@@ -30,6 +30,7 @@ from ragtrain.generation.generator import (
     on_device,
 )
 from ragtrain.generation.inputs import CopySource, build_copy_source, copy_target, word_ends
+from ragtrain.models import one_token_attention
 
 
 class CopyGenerator(nn.Module):
@@ -97,19 +98,18 @@ class CopyGenerator(nn.Module):
     def step(self, y: torch.Tensor, cache: Any, src_mask: torch.Tensor, t: int
              ) -> tuple[torch.Tensor, Any]:
         """Decoding: the state (B,1,H) of target token ``y`` (B,) at target position ``t``."""
-        b, s = src_mask.shape
-        dev = y.device
+        (b, s), dev = src_mask.shape, y.device
         pos = src_mask.sum(1)[:, None] + t
-        allow = torch.cat([src_mask.bool(), torch.ones(b, t + 1, dtype=torch.bool, device=dev)],
-                          1)
+        allow = torch.cat([src_mask.bool(), torch.ones(b, t + 1, dtype=torch.bool, device=dev)], 1)
         dtype = self.backbone.embeddings.word_embeddings.weight.dtype
         mask = torch.zeros(b, 1, 1, s + t + 1, dtype=dtype, device=dev)
         mask.masked_fill_(~allow[:, None, None], torch.finfo(dtype).min)
         self.backbone.config.is_decoder = True
         try:
-            out = self.backbone(input_ids=y[:, None], attention_mask=mask,
-                                token_type_ids=torch.ones_like(y)[:, None], position_ids=pos,
-                                cache=cache, use_cache=True)
+            with one_token_attention(self.backbone):  # eager: faster for one query on a CPU
+                out = self.backbone(input_ids=y[:, None], attention_mask=mask, cache=cache,
+                                    token_type_ids=torch.ones_like(y)[:, None],
+                                    position_ids=pos, use_cache=True)
         finally:
             self.backbone.config.is_decoder = False
         return out.last_hidden_state, out.cache
