@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             vs_loaded = (f"peak / flat@memory's {r['peak_mb'] / loaded['peak_mb']:.2f}, "
                          if loaded else "")
             print(f"{r['kind']:>16}: {vs_loaded}"
-                  f"peak / flat's {r['peak_mb'] / flat['peak_mb']:.2f}, "
+                  f"peak / flat's {r['peak_mb'] / flat['peak_mb']:.2f} (over the "
+                  f"interpreter: {r['over_interpreter_mb'] / flat['over_interpreter_mb']:.2f}), "
                   f"index / flat's {r['index_mb'] / flat['index_mb']:.3f}, "
                   f"q/s / flat's {r['qps'] / flat['qps']:.1f}")
     by_kind = {r["kind"]: r for r in results}
