@@ -12,11 +12,16 @@ Each row prints EM / F1 of the top passage alone, of the 3 passages with the run
 ``generator.answer_weight`` (``generation.reading.pick``), and the decoding time.
 
     python bench/decoding.py --root . --beams 1 2 4 [--limit 400] [--split dev]
+
+``--step-attention both`` decodes each setting twice: with the one-token steps on the eager
+attention (``models.one_token_attention``, what ragtrain runs on the CPU) and on SDPA (as
+before), and prints the time ratio and how many answers differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -33,6 +38,7 @@ from ragtrain.config import load_config  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.data.questions import answered  # noqa: E402
 from ragtrain.evaluation.answers import normalize_answer, score_answers  # noqa: E402
+from ragtrain.generation import copy as copy_module  # noqa: E402
 from ragtrain.generation.copy import CopyBackend  # noqa: E402
 from ragtrain.generation.generator import Generator, Prediction  # noqa: E402
 from ragtrain.generation.reading import pick, read_inputs  # noqa: E402
@@ -63,6 +69,8 @@ def main() -> None:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--beams", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--limit", type=int, default=0, help="first N questions only (0: all)")
+    ap.add_argument("--step-attention", choices=["eager", "sdpa", "both"], default="eager",
+                    help="the decoding steps' attention on the CPU (both: side by side)")
     args = ap.parse_args()
     cfg = load_config(args.root / "params.yaml")
     gc = cfg.generator
@@ -81,22 +89,34 @@ def main() -> None:
     bf16 = runtime.use_bf16(gc.precision)
     print(f"{args.split}: {len(rows)} questions, top 3 passages each, answer_weight "
           f"{gc.answer_weight}")
-    print(f"{'decoder':<22}{'top-1 EM / F1':>16}{'3 inputs EM / F1':>20}{'voting EM / F1':>18}"
+    print(f"{'decoder':<34}{'top-1 EM / F1':>16}{'3 inputs EM / F1':>20}{'voting EM / F1':>18}"
           f"{'seconds':>9}")
+    eager_steps = copy_module.one_token_attention
+    kernels = ["eager", "sdpa"] if args.step_attention == "both" else [args.step_attention]
     for beams in args.beams:
         gen.spec = dataclasses.replace(gen.spec, num_beams=beams)
-        t0 = time.perf_counter()
-        per_q = read_inputs(gen, questions, passages, n=3, per_input=1,
-                            batch_size=gc.eval_batch_size, bf16=bf16)
-        seconds = time.perf_counter() - t0
-        cells = [score_answers([q[0].answer for q in per_q], refs),
-                 score_answers([p.answer for p in pick(per_q, scores, weight=gc.answer_weight)],
-                               refs),
-                 score_answers(vote(per_q, scores, gc.answer_weight), refs)]
-        name = "greedy" if beams == 1 else f"beam search, {beams} beams"
-        print(f"{name:<22}" + "".join(f"{c['em']:>9.2f} / {c['f1']:5.2f}" for c in cells)
-              + f"{seconds:>9.0f}")
-
+        answers, took = {}, {}
+        for kernel in kernels:
+            copy_module.one_token_attention = (  # type: ignore[assignment]
+                eager_steps if kernel == "eager" else lambda m: contextlib.nullcontext())
+            t0 = time.perf_counter()
+            per_q = read_inputs(gen, questions, passages, n=3, per_input=1,
+                                batch_size=gc.eval_batch_size, bf16=bf16)
+            took[kernel] = seconds = time.perf_counter() - t0
+            answers[kernel] = [p.answer for q in per_q for p in q]
+            cells = [score_answers([q[0].answer for q in per_q], refs),
+                     score_answers([p.answer for p in pick(per_q, scores,
+                                                           weight=gc.answer_weight)], refs),
+                     score_answers(vote(per_q, scores, gc.answer_weight), refs)]
+            name = "greedy" if beams == 1 else f"beam search, {beams} beams"
+            name += f", {kernel} steps" if len(kernels) > 1 else ""
+            print(f"{name:<34}" + "".join(f"{c['em']:>9.2f} / {c['f1']:5.2f}" for c in cells)
+                  + f"{seconds:>9.0f}")
+        if len(kernels) > 1:
+            differ = sum(a != b for a, b in zip(answers["eager"], answers["sdpa"], strict=True))
+            print(f"  eager steps: {took['sdpa'] / took['eager']:.2f}x the speed of SDPA steps; "
+                  f"{differ} of {len(answers['eager'])} answers differ")
+    copy_module.one_token_attention = eager_steps
 
 if __name__ == "__main__":
     main()
