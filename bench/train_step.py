@@ -129,12 +129,14 @@ def generator_case(root: Path) -> tuple[Callable, float]:
     return make, gc.lr
 
 
-def retriever_case(root: Path) -> tuple[Callable, float]:
+def retriever_case(root: Path, attention_dropout: bool | None = None) -> tuple[Callable, float]:
     from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
     from ragtrain.retrieval.training import make_loss_fn
 
     cfg = load_config(root / "params.yaml")
     rc = dataclasses.replace(cfg.retriever, hard_negatives="none")
+    if attention_dropout is not None:  # --attention-dropout: the bi-encoder's other setting
+        rc = dataclasses.replace(rc, attention_dropout=attention_dropout)
     paths = Paths(root)
     corpus = Corpus.load(paths.corpus)
     rows = [r for r in read_queries(paths, "train") if r.get("gold_passage_ids")]
@@ -155,6 +157,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["generator", "retriever"], default=None)
+    ap.add_argument("--attention-dropout", choices=["on", "off"], default=None,
+                    help="the bi-encoder's attention-probability dropout (default: the run's "
+                         "retriever.attention_dropout)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     root = args.root.resolve()
@@ -163,7 +168,8 @@ def main() -> None:
     for name, case in cases.items():
         if args.only and not name.startswith("copy" if args.only == "generator" else "bi"):
             continue
-        make, lr = case(root)
+        make, lr = (case(root) if case is generator_case or args.attention_dropout is None
+                    else case(root, args.attention_dropout == "on"))
         compare(name, make, lr, args.steps, args.rounds)
 
 

@@ -77,7 +77,7 @@ class RetrieverConfig:
     shared_encoder: bool = True  # False: separate query / passage towers (DPR style)
     query_max_length: int = _f(64, ge=8)
     passage_max_length: int = _f(256, ge=8)
-    # true: attention-probability dropout too (1.5x dearer CPU steps; dev R@1 within noise)
+    # true: attention-probability dropout too (1.3-1.5x dearer CPU steps; dev R@1 within noise)
     attention_dropout: bool = False
     # = retrieval.losses.LOSSES keys; distill: in_batch_nll + distill_weight x KL(reranker ||
     # bi-encoder) over each question's candidates (scored by the teacher_scores stage)
