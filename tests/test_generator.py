@@ -11,6 +11,7 @@ import torch
 from ragtrain.config import GeneratorConfig, load_config
 from ragtrain.data.corpus import Passage
 from ragtrain.errors import ConfigError
+from ragtrain.generation import copy_decoding
 from ragtrain.generation.copy import CopyBackend
 from ragtrain.generation.generator import Example, Generator, GeneratorError
 from ragtrain.generation.hf import CausalBackend, Seq2SeqBackend
@@ -176,7 +177,7 @@ def test_beam_search_with_one_beam_is_the_greedy_decoder(tiny_bert_dir: Path) ->
     greedy = g.answer(exs)
     chunk = [g.encode(e, with_target=False) for e in exs]
     with torch.no_grad():
-        beam = g._beam_batch(chunk, 1)
+        beam = copy_decoding.beam(g, chunk, 1)
     assert [p.answer for p in beam] == [p.answer for p in greedy]
     assert [p.passage for p in beam] == [p.passage for p in greedy]
     for a, b in zip(beam, greedy, strict=True):
@@ -383,3 +384,35 @@ def test_decoding_steps_attend_eagerly_on_the_cpu_and_answer_the_same(
     assert [p.answer for p in again] == [p.answer for p in preds]
     for a, b in zip(again, preds, strict=True):
         assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_span_scores_are_the_whole_distribution_at_the_source_tokens(tiny_bert_dir: Path
+                                                                     ) -> None:
+    g = copy_gen(tiny_bert_dir)
+    assert isinstance(g, CopyBackend)
+    g.model.eval()
+    twice = Passage("r", "", "The Broncos beat the Panthers, and the Broncos won the game.")
+    chunk = [g.encode(Example(q, ps), with_target=False)
+             for q, ps in (("who won?", [twice]), ("what?", PASSAGES))]
+    eos = g.tok.sep_token_id
+    with torch.no_grad():
+        _, b, _, (hs, h, cache) = g.start_decoding(chunk)
+        src, copyable = b["src"], b["copyable"]
+        spans = copy_decoding.SpanScores(g.model, hs, src, copyable, eos)
+        for t in range(3):
+            full = g.model.next_from_states(hs, h, src, copyable)
+            lp, lp_end = spans(h)
+            # the mixture (vocabulary + copy over every position holding the token) at each
+            # position, and the end token's, with no (rows x vocabulary) distribution
+            assert torch.allclose(lp, full.gather(1, src), atol=1e-5)
+            assert torch.allclose(lp_end, full[:, eos], atol=1e-5)
+            cand = spans.candidates(lp, lp_end, copyable, torch.tensor([True, False]))
+            tokens = spans.tokens()
+            for i in range(len(chunk)):
+                kept = tokens[i][cand[i].isfinite()].tolist()
+                allowed = set(src[i][copyable[i]].tolist()) | ({eos} if i == 0 else set())
+                assert sorted(kept) == sorted(allowed)  # each allowed token once
+                for j in cand[i].isfinite().nonzero().flatten().tolist():
+                    assert cand[i, j] == full[i, tokens[i, j]] or math.isclose(
+                        float(cand[i, j]), float(full[i, tokens[i, j]]), abs_tol=1e-5)
+            h, cache = g.model.step(src[:, 5 + t], cache, b["src_mask"], t + 1)

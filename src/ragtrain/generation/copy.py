@@ -4,9 +4,9 @@ The warm start is a BERT-style encoder (the bundled all-MiniLM-L6-v2). The sourc
 ``[CLS] question [SEP] passage [SEP] passage [SEP]`` is read bidirectionally and the answer is
 written causally after it. A gate mixes the vocabulary distribution with attention over the
 passage tokens, ``p(y) = g·p_vocab(y) + (1-g)·Σ_{s: x_s = y} a_s``; the loss is
-``-Σ log p(y_i | x, y_<i)``. Decoding is greedy and KV-cached; ``constrained`` decoding may only
-extend a contiguous passage span or stop, and the answer is the passage's own text for that span
-(no WordPiece detokenisation artifacts).
+``-Σ log p(y_i | x, y_<i)``. Decoding (``copy_decoding``: greedy or beam search) is KV-cached;
+``constrained`` decoding may only extend a contiguous passage span or stop, and the answer is the
+passage's own text for that span (no WordPiece detokenisation artifacts).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragtrain import runtime
+from ragtrain.generation import copy_decoding
 from ragtrain.generation.generator import (
     Example,
     Generator,
@@ -124,21 +125,28 @@ class CopyGenerator(nn.Module):
         p = lg.exp()[:, 0, None] * log_pv[:, 0].exp() + lng.exp()[:, 0, None] * p_copy
         return torch.log(p.clamp(min=1e-30))
 
-    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor,
-              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """log p_vocab (B,T,V), log copy attention over source (B,T,S), log g, log (1-g)."""
+    def vocab_logits(self, ht: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits (B,T,V) of target states ``ht``."""
         emb = self.backbone.embeddings.word_embeddings.weight
         # F.linear(x, emb), not x @ emb.t(): autocast casts a weight once per context and reuses
         # it, but a view (emb.t()) it casts anew at every decoding step (5.6 ms each on 2 cores)
-        logits = F.linear(self.transform(ht), emb) + self.lm_bias
-        log_pv = F.log_softmax(logits.float(), -1)
+        return F.linear(self.transform(ht), emb) + self.lm_bias
+
+    def copy_parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor,
+                   keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """log copy attention over source (B,T,S), log g, log (1-g)."""
         scores = (self.copy_q(ht) @ (self.copy_k(hs) if keys is None else keys).transpose(1, 2)
                   ).float()
         scores = scores / math.sqrt(hs.shape[-1])
         scores = scores.masked_fill(~copyable[:, None, :], -1e4)  # finite: no NaN without copyables
-        log_a = F.log_softmax(scores, -1)
         gate = self.gate(ht).float().squeeze(-1)
-        return log_pv, log_a, F.logsigmoid(gate), F.logsigmoid(-gate)
+        return F.log_softmax(scores, -1), F.logsigmoid(gate), F.logsigmoid(-gate)
+
+    def parts(self, hs: torch.Tensor, ht: torch.Tensor, copyable: torch.Tensor,
+              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """log p_vocab (B,T,V), log copy attention over source (B,T,S), log g, log (1-g)."""
+        return (F.log_softmax(self.vocab_logits(ht).float(), -1),
+                *self.copy_parts(hs, ht, copyable, keys))
 
     def token_log_probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(y_t | x, y_<t) of each target token (B,T), on the model's device."""
@@ -279,60 +287,11 @@ class CopyBackend(Generator):
 
     def _answer_batch(self, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
         if decoding == "constrained" and self.spec.num_beams > 1:
-            return self._beam_batch(chunk, self.spec.num_beams)
-        model, eos = self.model, self.tok.sep_token_id
-        srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
-        b, src, copyable, dev = len(srcs), batch["src"], batch["copyable"], batch["src"].device
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        logp_sum, n_tok = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
-        cand = torch.zeros_like(copyable)  # (B,S): positions where the current span ends
-        out_tokens: list[list[int]] = [[] for _ in range(b)]
-        y = torch.zeros(b, dtype=torch.long, device=dev)
-        keys = model.copy_k(hs)  # the copy head's source keys: once, not at every step
-        for step in range(self.spec.max_answer_tokens + 1):
-            if step:
-                h, cache = model.step(y, cache, batch["src_mask"], step)
-            lp = model.next_from_states(hs, h, src, copyable, keys).float()
-            if decoding == "constrained":
-                if step == 0:
-                    nxt, allowed = copyable, self._tokens_at(lp, src, copyable)
-                else:  # extend the span; stop only where it may end (never inside a word)
-                    nxt = torch.zeros_like(cand)
-                    nxt[:, 1:] = cand[:, :-1] & copyable[:, 1:]
-                    allowed = self._tokens_at(lp, src, nxt)
-                    allowed[:, eos] = (cand & can_end).any(1)
-                if step == self.spec.max_answer_tokens:
-                    allowed[:] = False
-                    allowed[:, eos] = True
-                lp = lp.masked_fill(~allowed, -math.inf)
-            elif step == self.spec.max_answer_tokens:
-                lp = torch.full_like(lp, -math.inf)
-                lp[:, eos] = 0.0
-            y = lp.argmax(-1)
-            y_lp = lp.gather(1, y[:, None]).squeeze(1)
-            for i in range(b):
-                if done[i]:
-                    continue
-                if y[i].item() == eos:
-                    done[i] = True
-                else:
-                    out_tokens[i].append(int(y[i]))
-                logp_sum[i] += y_lp[i]
-                n_tok[i] += 1
-            if decoding == "constrained":
-                cand = nxt & (src == y[:, None]) & ~done[:, None] | (cand & done[:, None])
-            if bool(done.all()):
-                break
-        preds = []
-        for i, s in enumerate(srcs):
-            text, passage = self._copy_text(s, out_tokens[i], cand[i] if decoding ==
-                                            "constrained" else None)
-            preds.append(Prediction(text, float(logp_sum[i] / n_tok[i].clamp(min=1)), passage,
-                                    s.question_cut))
-        return preds
+            return copy_decoding.beam(self, chunk, self.spec.num_beams)
+        return copy_decoding.greedy(self, chunk, decoding)
 
-    def _start(self, chunk: list[dict[str, Any]]
-               ) -> tuple[list[CopySource], dict[str, torch.Tensor], torch.Tensor, Any]:
+    def start_decoding(self, chunk: list[dict[str, Any]]
+                       ) -> tuple[list[CopySource], dict[str, torch.Tensor], torch.Tensor, Any]:
         """Greedy's and beam search's start: sources, batch, where a span may end ((B,S)
         bool, ``word_ends``) and ``model.start``'s states, first hidden state and cache."""
         srcs: list[CopySource] = [e["src"] for e in chunk]
@@ -342,91 +301,7 @@ class CopyBackend(Generator):
                                 for x in srcs], dtype=torch.bool, device=src.device)
         return srcs, batch, can_end, self.model.start(src, batch["src_mask"], self.tok.cls_token_id)
 
-    @staticmethod
-    def _tokens_at(lp: torch.Tensor, src: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B,V) bool: the ids found at ``positions`` ((B,S) bool) of ``src`` (scatter_add)."""
-        return torch.zeros_like(lp).scatter_add_(1, src, positions.float()) > 0
-
-    def _beam_batch(self, chunk: list[dict[str, Any]], k: int) -> list[Prediction]:
-        """Constrained beam search: ``k`` passage-span hypotheses per source; the finished one
-        with the best mean token log-prob (EOS counted, as greedy scores) is kept. A source
-        stops once no live one can beat it: at best an extension scores sum / (longest + 1)."""
-        model, eos = self.model, self.tok.sep_token_id
-        srcs, batch, can_end, (hs, h, cache) = self._start(chunk)
-        b, longest = len(srcs), self.spec.max_answer_tokens
-        src, copyable, src_mask = batch["src"], batch["copyable"], batch["src_mask"]
-        keys = model.copy_k(hs)  # once per batch (a source's beams never change its keys)
-        lp = model.next_from_states(hs, h, src, copyable, keys).float()
-        first_lp, first_tok = lp.masked_fill(~self._tokens_at(lp, src, copyable),
-                                             -math.inf).topk(k, -1)
-        src, copyable, src_mask, hs, keys, can_end = (
-            x.repeat_interleave(k, 0) for x in (src, copyable, src_mask, hs, keys, can_end))
-        cache.batch_repeat_interleave(k)
-        y, score = first_tok.flatten(), first_lp.flatten()
-        toks: list[list[int]] = [[int(t)] for t in y]
-        ends = copyable & (src == y[:, None])  # per hypothesis: where its span may end now
-        best: list[tuple[float, list[int], torch.Tensor] | None] = [None] * b
-        for step in range(1, longest + 1):
-            h, cache = model.step(y, cache, src_mask, step)
-            lp = model.next_from_states(hs, h, src, copyable, keys).float()
-            nxt = torch.zeros_like(ends)
-            nxt[:, 1:] = ends[:, :-1] & copyable[:, 1:]
-            allowed = self._tokens_at(lp, src, nxt)
-            allowed[:, eos] = (ends & can_end).any(1) | (step == longest)
-            if step == longest:
-                allowed[:, :eos] = False
-                allowed[:, eos + 1:] = False
-            vocab = lp.shape[1]
-            total = (score[:, None] + lp.masked_fill(~allowed, -math.inf)).view(b, -1)
-            top, idx = total.topk(2 * k, -1)
-            rows, ys, scores = [], [], []
-            for i in range(b):
-                alive: list[tuple[int, int, float]] = []
-                for rank, (sc, j) in enumerate(zip(top[i].tolist(), idx[i].tolist(),
-                                                   strict=True)):
-                    if sc == -math.inf or (len(alive) == k and rank >= k):
-                        break
-                    row, t = i * k + j // vocab, j % vocab
-                    if t != eos:
-                        if len(alive) < k:
-                            alive.append((row, t, sc))
-                    elif rank < k:  # a finished hypothesis among the k best
-                        mean = sc / (len(toks[row]) + 1)
-                        if best[i] is None or mean > best[i][0]:  # type: ignore[index]
-                            best[i] = (mean, toks[row], ends[row].clone())
-                found = best[i]
-                if found is not None and all(a[2] / (longest + 1) <= found[0] for a in alive):
-                    alive = []  # no extension can beat the best finished answer
-                # a hypothesis keeps its parent's slot where it can, so the key/value cache is
-                # only reordered when a beam branches; free slots hold dead fillers
-                slots: list[tuple[int, int, float] | None] = [None] * k
-                later = []
-                for a in alive:
-                    if slots[a[0] - i * k] is None:
-                        slots[a[0] - i * k] = a
-                    else:
-                        later.append(a)
-                for j in (j for j in range(k) if slots[j] is None):
-                    slots[j] = later.pop() if later else (i * k + j, eos, -math.inf)
-                rows += [a[0] for a in slots]  # type: ignore[index]
-                ys += [a[1] for a in slots]  # type: ignore[index]
-                scores += [a[2] for a in slots]  # type: ignore[index]
-            score = torch.tensor(scores, device=src.device)
-            if bool((score == -math.inf).all()):
-                break
-            y = torch.tensor(ys, device=src.device)
-            if rows != list(range(b * k)):
-                cache.reorder_cache(torch.tensor(rows, device=src.device))
-            ends = nxt[rows] & (src[rows] == y[:, None])
-            toks = [toks[r] + [t] for r, t in zip(rows, ys, strict=True)]
-        preds = []
-        for s, found in zip(srcs, best, strict=True):  # None: the source has no passage token
-            text, passage = self._copy_text(s, found[1], found[2]) if found else ("", -1)
-            preds.append(Prediction(text, found[0] if found else -math.inf, passage,
-                                    s.question_cut))
-        return preds
-
-    def _copy_text(self, s: CopySource, toks: list[int], ends: torch.Tensor | None
+    def copy_text(self, s: CopySource, toks: list[int], ends: torch.Tensor | None
                    ) -> tuple[str, int]:
         """The answer as the passage's own text where the tokens are a passage span (snapping),
         else the tokenizer's decoding."""
