@@ -10,8 +10,10 @@ epoch 0, from ``data/prepared`` and ``artifacts/retrieved``), bf16 autocast as t
 - ``sdpa + foreach``: PyTorch's SDPA attention and the default (foreach) AdamW: the old step;
 - ``eager + foreach``, ``sdpa + fused``: one change each;
 - ``eager + fused``: the step before ``ragtrain.dropout`` (PyTorch's dropout masks);
-- ``eager + fused + cpu dropout``: what ``trainer.train_loop`` runs now (``models.set_training``:
-  eager attention, ``CpuDropout`` masks; ``trainer.build_optimizer``: fused AdamW).
+- ``eager + fused + cpu dropout``: what ``trainer.train_loop`` runs (``models.set_training``:
+  eager attention, ``CpuDropout`` masks; ``trainer.build_optimizer``: fused AdamW), the copy
+  generator with its attention mask in fp32 (as before ``CopyGenerator._mask_dtype``);
+- ``... + autocast mask`` (the copy generator only): the mask in the autocast dtype, as now.
 
 Each variant has its own model and optimizer from the same seed; the variants take turns
 (``--rounds`` rounds of ``--steps`` steps each, after one untimed warm-up step) so that drift
@@ -42,9 +44,10 @@ from ragtrain.models import set_training  # noqa: E402
 from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved  # noqa: E402
 from ragtrain.trainer import build_optimizer, seed_everything  # noqa: E402
 
-# (attention, fused AdamW, ragtrain's CPU dropout masks)
-VARIANTS = (("sdpa", False, False), ("eager", False, False), ("sdpa", True, False),
-            ("eager", True, False), ("eager", True, True))
+# (attention, fused AdamW, ragtrain's CPU dropout masks, the copy generator's autocast-dtype mask)
+VARIANTS = (("sdpa", False, False, False), ("eager", False, False, False),
+            ("sdpa", True, False, False), ("eager", True, False, False),
+            ("eager", True, True, False), ("eager", True, True, True))
 
 
 def force_attention(model: torch.nn.Module, kind: str) -> None:
@@ -58,9 +61,12 @@ class Runner:
 
     def __init__(self, make: Callable[[], tuple[torch.nn.Module, Callable[[int], torch.Tensor],
                                                  dict[str, float]]],
-                 attention: str, fused: bool, cpu_dropout: bool, lr: float) -> None:
+                 attention: str, fused: bool, cpu_dropout: bool, autocast_mask: bool,
+                 lr: float) -> None:
         seed_everything(0)
         self.model, self.loss, param_lrs = make()
+        if hasattr(self.model, "autocast_mask"):  # the copy generator
+            self.model.autocast_mask = autocast_mask
         set_training(self.model, True)
         force_attention(self.model, attention)
         if not cpu_dropout:  # back to PyTorch's own dropout layers
@@ -80,25 +86,27 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
 
-def compare(name: str, make: Callable, lr: float, steps: int, rounds: int) -> None:
-    runners = {v: Runner(make, *v, lr=lr) for v in VARIANTS}
+def compare(name: str, make: Callable, lr: float, steps: int, rounds: int,
+            variants: tuple[tuple[str, bool, bool, bool], ...] = VARIANTS) -> None:
+    runners = {v: Runner(make, *v, lr=lr) for v in variants}
     for r in runners.values():
         r.step(steps)  # warm-up: allocator, oneDNN kernels (a batch outside the timed ones)
-    times: dict[tuple[str, bool, bool], list[float]] = {v: [] for v in VARIANTS}
+    times: dict[tuple[str, bool, bool, bool], list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v, r in runners.items():
             t0 = time.perf_counter()
             for i in range(steps):
                 r.step(i)
             times[v].append((time.perf_counter() - t0) / steps)
-    base = statistics.median(times[VARIANTS[0]])
+    base = statistics.median(times[variants[0]])
     print(f"\n{name}: s/step (median of {rounds} rounds x {steps} steps), speed vs sdpa + "
           "foreach")
-    for (attn, fused, cpu_dropout), t in times.items():
+    for (attn, fused, cpu_dropout, autocast_mask), t in times.items():
         med = statistics.median(t)
-        label = f"{attn} + {'fused' if fused else 'foreach'}" + (" + cpu dropout" if cpu_dropout
-                                                                 else "")
-        print(f"  {label:32s} {med:7.3f}   {base / med:5.2f}x")
+        label = (f"{attn} + {'fused' if fused else 'foreach'}"
+                 + (" + cpu dropout" if cpu_dropout else "")
+                 + (" + autocast mask" if autocast_mask else ""))
+        print(f"  {label:46s} {med:7.3f}   {base / med:5.2f}x")
 
 
 def generator_case(root: Path) -> tuple[Callable, float]:
@@ -170,7 +178,8 @@ def main() -> None:
             continue
         make, lr = (case(root) if case is generator_case or args.attention_dropout is None
                     else case(root, args.attention_dropout == "on"))
-        compare(name, make, lr, args.steps, args.rounds)
+        compare(name, make, lr, args.steps, args.rounds,
+                VARIANTS if case is generator_case else VARIANTS[:-1])
 
 
 if __name__ == "__main__":
