@@ -407,7 +407,7 @@ def test_span_scores_are_the_whole_distribution_at_the_source_tokens(tiny_bert_d
             assert torch.allclose(lp, full.gather(1, src), atol=1e-5)
             assert torch.allclose(lp_end, full[:, eos], atol=1e-5)
             cand = spans.candidates(lp, lp_end, copyable, torch.tensor([True, False]))
-            tokens = spans.tokens()
+            tokens = spans.tokens
             for i in range(len(chunk)):
                 kept = tokens[i][cand[i].isfinite()].tolist()
                 allowed = set(src[i][copyable[i]].tolist()) | ({eos} if i == 0 else set())

@@ -132,7 +132,14 @@ class CopyGenerator(nn.Module):
         log_pv, log_a, lg, lng = self.parts(hs, h, copyable, keys)
         a = (log_a[:, 0].exp() * copyable).float()
         p_copy = torch.zeros_like(log_pv[:, 0]).scatter_add_(1, src, a)
-        p = lg.exp()[:, 0, None] * log_pv[:, 0].exp() + lng.exp()[:, 0, None] * p_copy
+        return self.mix(log_pv[:, 0], p_copy, lg, lng)
+
+    @staticmethod
+    def mix(log_pv: torch.Tensor, p_copy: torch.Tensor, lg: torch.Tensor, lng: torch.Tensor
+            ) -> torch.Tensor:
+        """log(g·p_vocab + (1-g)·p_copy) of one step's (B,N) tokens; ``lg``, ``lng``: log g and
+        log (1-g) of the step, (B,1)."""
+        p = lg.exp()[:, 0, None] * log_pv.exp() + lng.exp()[:, 0, None] * p_copy
         return torch.log(p.clamp(min=1e-30))
 
     def vocab_logits(self, ht: torch.Tensor) -> torch.Tensor:

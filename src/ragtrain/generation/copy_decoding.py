@@ -34,12 +34,14 @@ class SpanScores:
         # each position's group: the first position holding the same token
         self.group = (src[:, :, None] == src[:, None, :]).byte().argmax(-1)
         self.pos = torch.arange(src.shape[1], device=src.device)
+        # (R,S+1): the token each candidate column stands for (the positions', then the end)
+        self.tokens = torch.cat([src, torch.full_like(src[:, :1], eos)], 1)
 
     def repeat(self, k: int) -> None:
         """Each row repeated ``k`` times in place (beam search's hypotheses)."""
-        self.hs, self.src, self.copyable, self.keys, self.group = (
+        self.hs, self.src, self.copyable, self.keys, self.group, self.tokens = (
             x.repeat_interleave(k, 0) for x in (self.hs, self.src, self.copyable, self.keys,
-                                                 self.group))
+                                                 self.group, self.tokens))
 
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R,S) log p of the token at each source position and (R,) log p(end) given the
@@ -52,8 +54,7 @@ class SpanScores:
         a = (log_a[:, 0].exp() * self.copyable).float()
         p_copy = torch.zeros_like(a).scatter_add_(1, self.group, a).gather(1, self.group)
         p_copy = torch.cat([p_copy, (a * (self.src == self.eos)).sum(1, keepdim=True)], 1)
-        p = lg.exp()[:, 0, None] * log_pv.exp() + lng.exp()[:, 0, None] * p_copy
-        lp = torch.log(p.clamp(min=1e-30))
+        lp = m.mix(log_pv, p_copy, lg, lng)
         return lp[:, :-1], lp[:, -1]
 
     def candidates(self, lp: torch.Tensor, lp_end: torch.Tensor, nxt: torch.Tensor,
@@ -67,10 +68,6 @@ class SpanScores:
         return torch.cat([lp.masked_fill(~keep, -math.inf),
                           lp_end.masked_fill(~end_ok, -math.inf)[:, None]], 1)
 
-    def tokens(self) -> torch.Tensor:
-        """(R,S+1): the token each candidate column stands for."""
-        return torch.cat([self.src, torch.full_like(self.src[:, :1], self.eos)], 1)
-
 
 def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[Prediction]:
     """One answer per source, the most likely token at each step (``constrained``: among
@@ -78,7 +75,8 @@ def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[P
     model, eos, longest = g.model, g.tok.sep_token_id, g.spec.max_answer_tokens
     srcs, batch, can_end, (hs, h, cache) = g.start_decoding(chunk)
     b, src, copyable, dev = len(srcs), batch["src"], batch["copyable"], batch["src"].device
-    spans = SpanScores(model, hs, src, copyable, eos)
+    spans = SpanScores(model, hs, src, copyable, eos) if decoding == "constrained" else None
+    keys = model.copy_k(hs) if spans is None else spans.keys  # once, not at every step
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     logp_sum, n_tok = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
     cand = torch.zeros_like(copyable)  # (B,S): positions where the current span ends
@@ -87,7 +85,7 @@ def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[P
     for step in range(longest + 1):
         if step:
             h, cache = model.step(y, cache, batch["src_mask"], step)
-        if decoding == "constrained":
+        if spans is not None:  # constrained
             if step == 0:
                 nxt, end_ok = copyable, torch.zeros_like(done)
             else:  # extend the span; stop only where it may end (never inside a word)
@@ -98,9 +96,9 @@ def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[P
                 nxt, end_ok = torch.zeros_like(nxt), torch.ones_like(done)
             scores = spans.candidates(*spans(h), nxt, end_ok)
             y_lp, col = scores.max(-1)
-            y = spans.tokens().gather(1, col[:, None]).squeeze(1)
+            y = spans.tokens.gather(1, col[:, None]).squeeze(1)
         else:
-            lp = model.next_from_states(hs, h, src, copyable, spans.keys).float()
+            lp = model.next_from_states(hs, h, src, copyable, keys).float()
             if step == longest:
                 lp = torch.full_like(lp, -math.inf)
                 lp[:, eos] = 0.0
@@ -159,7 +157,7 @@ def beam(g: CopyBackend, chunk: list[dict[str, Any]], k: int) -> list[Prediction
         end_ok = (ends & can_end).any(1) | (step == longest)
         total = (score[:, None] + spans.candidates(*spans(h), nxt, end_ok)).view(b, -1)
         top, idx = total.topk(2 * k, -1)
-        cand_tok = spans.tokens().view(b, -1).gather(1, idx)
+        cand_tok = spans.tokens.view(b, -1).gather(1, idx)
         rows, ys, scores = [], [], []
         for i in range(b):
             alive: list[tuple[int, int, float]] = []
