@@ -169,7 +169,7 @@ class CopyGenerator(nn.Module):
         """log p(y_t | x, y_<t) of each target token (B,T), on the model's device; the values at
         padded target positions mean nothing (callers mask them). The LM head and its
         log-softmax run on the real target rows alone: answers are short and a batch's targets
-        pad to its longest, so about 6 in 10 of the padded rows are padding in SQuAD training."""
+        pad to its longest, so about 6 in 10 target rows are padding in SQuAD training."""
         batch = on_device(self, batch)
         hs, ht = self.states(batch["src"], batch["src_mask"], batch["tgt_in"], batch["tgt_mask"])
         log_a, lg, lng = self.copy_parts(hs, ht, batch["copyable"])
