@@ -25,12 +25,13 @@ BIN = Path(sys.executable).parent
 # module). `make test` hands whole modules to 2 xdist workers in collection order
 # (--no-loadscope-reorder): longest first, so that no long module starts last and leaves the
 # other worker idle. A module not listed counts as short; the order never changes what runs.
-MODULE_SECONDS = {  # measured in CI on 2026-12-06 (--durations=0, summed per module)
-    "test_retrieval_only_e2e.py": 165, "test_faults.py": 160, "test_flow.py": 140,
-    "test_ui.py": 87, "test_ddp.py": 83, "test_store_down.py": 81, "test_mlflow_auth.py": 74,
-    "test_serving.py": 73, "test_prefect_worker.py": 70, "test_ddp_stages.py": 61,
-    "test_postgres_tracking.py": 58, "test_dvc_pipeline.py": 56, "test_error_catalogue.py": 30,
-    "test_concurrent_promote.py": 30, "test_dvc_s3.py": 23,
+MODULE_SECONDS = {  # measured on 2026-12-06 (stop 35: --durations=0, summed per module)
+    "test_flow.py": 163, "test_faults.py": 153, "test_ui.py": 123,
+    "test_retrieval_only_e2e.py": 111, "test_store_down.py": 84, "test_prefect_worker.py": 84,
+    "test_ddp.py": 83, "test_serving.py": 74, "test_dvc_pipeline.py": 70,
+    "test_mlflow_auth.py": 64, "test_ddp_stages.py": 57, "test_postgres_tracking.py": 52,
+    "test_error_catalogue.py": 34, "test_concurrent_promote.py": 32, "test_dvc_s3.py": 26,
+    "test_retriever_stages.py": 20, "test_registry.py": 19, "test_reranker.py": 16,
 }
 
 
