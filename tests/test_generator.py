@@ -119,6 +119,20 @@ def test_copy_loss_is_the_mixture_likelihood_of_answer_tokens(tiny_bert_dir: Pat
     assert bool((lp <= 1e-6).all())
 
 
+def test_each_decoder_gives_the_empty_answers_log_probability(tiny_bert_dir: Path) -> None:
+    g = copy_gen(tiny_bert_dir)
+    g.model.eval()
+    exs = [Example("who won?", PASSAGES, ""), Example("where?", PASSAGES[:1], "")]
+    with torch.no_grad():
+        # the likelihood of the empty answer: the end token first, as a target "" trains it
+        want = g.model.token_log_probs(g.collate([g.encode(x) for x in exs]))[:, 0].tolist()
+        chunk = [g.encode(x, with_target=False) for x in exs]
+        for preds in (copy_decoding.beam(g, chunk, 2), copy_decoding.greedy(g, chunk, "greedy"),
+                      copy_decoding.greedy(g, chunk, "constrained")):
+            assert [p.null for p in preds] == pytest.approx(want, abs=1e-4)
+            assert all(p.answer for p in preds if p.passage >= 0)
+
+
 def overfit(g: Generator, exs: list[Example], *, steps: int, lr: float) -> None:
     """Train ``g`` for ``steps`` AdamW steps on ``exs`` as one batch."""
     b = g.collate([g.encode(e) for e in exs])
@@ -332,6 +346,31 @@ def test_each_kind_has_its_backend() -> None:
     assert backend("causal") is CausalBackend
     with pytest.raises(GeneratorError, match="generator kind 'rag'"):
         backend("rag")
+
+
+def test_a_training_input_without_gold_or_answer_is_taught_the_empty_answer() -> None:
+    import random
+
+    from ragtrain.generation.training import make_examples
+
+    corpus = {pid: Passage(pid, "t", text) for pid, text in [
+        ("gold", "Denver won Super Bowl 50."), ("other", "Denver Broncos history."),
+        ("miss", "Carolina lost in 2016.")]}
+    rows = [{"id": q, "question": "Who won?", "answers": ["Denver"],
+             "gold_passage_ids": gold} for q, gold in
+            [("q_gold", ["gold"]), ("q_other", ["gold"]), ("q_miss", ["gold"]),
+             ("q_nogold", [])]]
+    retrieved = {"q_gold": ["gold"], "q_other": ["other"], "q_miss": ["miss"],
+                 "q_nogold": ["miss"]}
+    empty = make_examples(rows, retrieved, corpus, 1, missed_target="empty")
+    # only the input with neither the gold passage nor the answer's text ('denver' matches
+    # 'Denver' case-insensitively); no gold label known: the answer stays
+    assert [ex.answer for ex in empty] == ["Denver", "Denver", "", "Denver"]
+    assert all(ex.answer == "Denver" for ex in make_examples(rows, retrieved, corpus, 1))
+    # the gold passage forced in (gold_share 1) is not a miss
+    forced = make_examples(rows, retrieved, corpus, 1, gold_share=1.0, rng=random.Random(0),
+                           missed_target="empty")
+    assert forced[2].passages[0].passage_id == "gold" and forced[2].answer == "Denver"
 
 
 def test_length_grouped_batches_cover_every_example_once() -> None:

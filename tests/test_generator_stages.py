@@ -49,7 +49,7 @@ def test_generator_stages_end_to_end(tiny_rag_project: Path,
     assert {"test/untrained/em", "test/untrained/f1", "test/untrained/accuracy"} <= set(m)
     # answer_from 2: the kept answers beside the same generator reading its first input only
     assert {"test/first_input/em", "test/first_input/f1", "test/answer_recall_at_4"} <= set(m)
-    assert manifest_reading(p) == {"answer_from": 2, "answer_weight": 2.0}
+    assert manifest_reading(p) == {"answer_from": 2, "answer_weight": 3.0, "null_weight": 0.2}
     manifest = json.loads((p / "artifacts/rag/rag.json").read_text())
     assert manifest["encoder_fingerprint"] == manifest["index_encoder_fingerprint"]
     assert manifest["eval_set_sha256"] and manifest["metrics"]["test/f1"] == m["test/f1"]

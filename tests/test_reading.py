@@ -39,6 +39,20 @@ def test_best_answer_adds_the_weighted_retrieval_score() -> None:
         best_answer([], [], 1.0)
 
 
+def test_an_empty_answer_is_kept_only_when_every_input_gave_one() -> None:
+    # the empty answer is the generator's "this input does not hold it" (missed_target: empty)
+    preds = [Prediction("", -0.01), Prediction("b", -3.0), Prediction(" ", 0.0)]
+    assert best_answer(preds, [0.9, 0.1, 0.9], 2.0) == 1
+    assert best_answer([Prediction("", -2.0), Prediction("", -1.0)], [0.9, 0.1], 2.0) == 0
+
+
+def test_the_empty_answers_probability_counts_against_an_input() -> None:
+    # b scores higher, but its input is likelier to hold no answer (null -0.5 against -6)
+    preds = [Prediction("a", -1.0, null=-6.0), Prediction("b", -0.8, null=-0.5)]
+    assert best_answer(preds, [0.5, 0.5], 1.0) == 1
+    assert best_answer(preds, [0.5, 0.5], 1.0, null_weight=0.2) == 0  # -1+1.2 > -0.8+0.1
+
+
 def test_answer_each_reads_each_passage_alone_and_cites_the_one_it_kept() -> None:
     gen = ByPassage({"x": ("paris", -2.0), "y": ("lyon", -0.1), "z": ("nice", -0.05)})
     ps = [[P("d/1", "x"), P("d/2", "y"), P("d/3", "z")], [P("d/4", "z")]]

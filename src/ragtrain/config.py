@@ -2,8 +2,7 @@
 
 Each top-level section of params.yaml maps to one frozen dataclass. ``load_config`` rejects
 unknown keys, wrong types and out-of-range values, naming the dotted key and the bad value.
-params.yaml is read as YAML 1.2 (ruamel), the same dialect DVC reads it with, so ``1e-4`` is a
-float for both.
+params.yaml is read as YAML 1.2 (ruamel), as DVC reads it, so ``1e-4`` is a float for both.
 """
 
 from __future__ import annotations
@@ -199,13 +198,15 @@ class GeneratorConfig:
     # separated by a blank line). The copy model uses [CLS] question [SEP] passage [SEP] ... .
     template: str = "question: {question}\ncontext: {context}\nanswer:"
     gold_share: float = _f(0.5, ge=0, le=1)  # training examples with the gold passage forced in
+    missed_target: Literal["empty", "answer"] = "empty"  # a miss (no gold, no answer): "" or it
     decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
     num_beams: int = _f(2, ge=1, le=16)  # copy, constrained: beam search width (1 = greedy)
-    # answering: the generator reads answer_from inputs of retriever.top_k passages each (the
-    # top_k best, the next top_k, ...) and keeps the answer with the best mean token log-prob +
-    # answer_weight * the retrieval score of its input's first passage (1 = one input only)
+    # answering: read answer_from inputs of retriever.top_k passages each (the best, the next..)
+    # and keep the answer with the best mean token log-prob - answer_null_weight * log p(empty
+    # answer) + answer_weight * its input's first passage's retrieval score (1 = one input)
     answer_from: int = _f(3, ge=1)
-    answer_weight: float = _f(2.0, ge=0)
+    answer_weight: float = _f(3.0, ge=0)
+    answer_null_weight: float = _f(0.2, ge=0)
     batch_size: int = _f(16, ge=1)
     grad_accum_steps: int = _f(1, ge=1)
     lr: float = _f(1.0e-4, gt=0)
@@ -376,8 +377,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(raw: Any, source: str = "params") -> Config:
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     return build(Config, raw, "params")

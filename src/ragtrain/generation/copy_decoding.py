@@ -94,11 +94,16 @@ def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[P
                 end_ok = (cand & can_end).any(1)
             if step == longest:
                 nxt, end_ok = torch.zeros_like(nxt), torch.ones_like(done)
-            scores = spans.candidates(*spans(h), nxt, end_ok)
+            lp, lp_end = spans(h)
+            if step == 0:
+                null = lp_end.float()
+            scores = spans.candidates(lp, lp_end, nxt, end_ok)
             y_lp, col = scores.max(-1)
             y = spans.tokens.gather(1, col[:, None]).squeeze(1)
         else:
             lp = model.next_from_states(hs, h, src, copyable, keys).float()
+            if step == 0:
+                null = lp[:, eos]
             if step == longest:
                 lp = torch.full_like(lp, -math.inf)
                 lp[:, eos] = 0.0
@@ -122,7 +127,7 @@ def greedy(g: CopyBackend, chunk: list[dict[str, Any]], decoding: str) -> list[P
         text, passage = g.copy_text(s, out_tokens[i], cand[i] if decoding == "constrained"
                                     else None)
         preds.append(Prediction(text, float(logp_sum[i] / n_tok[i].clamp(min=1)), passage,
-                                s.question_cut))
+                                s.question_cut, float(null[i])))
     return preds
 
 
@@ -135,7 +140,8 @@ def beam(g: CopyBackend, chunk: list[dict[str, Any]], k: int) -> list[Prediction
     b, longest = len(srcs), g.spec.max_answer_tokens
     src, copyable, src_mask = batch["src"], batch["copyable"], batch["src_mask"]
     spans = SpanScores(model, hs, src, copyable, eos)
-    first = spans.candidates(*spans(h), copyable, torch.zeros_like(copyable[:, 0]))[:, :-1]
+    lp0, null = spans(h)  # null: log p(end) first, the empty answer (never decoded)
+    first = spans.candidates(lp0, null, copyable, torch.zeros_like(copyable[:, 0]))[:, :-1]
     if first.shape[1] < k:  # fewer positions than beams: the rest are dead fillers
         first = torch.cat([first, first.new_full((b, k - first.shape[1]), -math.inf)], 1)
     first_lp, at = first.topk(k, -1)
@@ -199,8 +205,8 @@ def beam(g: CopyBackend, chunk: list[dict[str, Any]], k: int) -> list[Prediction
         ends = nxt[rows] & (src[rows] == y[:, None])
         toks = [toks[r] + [t] for r, t in zip(rows, ys, strict=True)]
     preds = []
-    for s, found in zip(srcs, best, strict=True):  # None: the source has no passage token
+    for s, found, nl in zip(srcs, best, null.tolist(), strict=True):  # None: no passage token
         text, passage = g.copy_text(s, found[1], found[2]) if found else ("", -1)
         preds.append(Prediction(text, found[0] if found else -math.inf, passage,
-                                s.question_cut))
+                                s.question_cut, float(nl)))
     return preds

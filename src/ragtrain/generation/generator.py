@@ -66,6 +66,7 @@ class Prediction:
     score: float  # mean log-probability of the answer's tokens
     passage: int = -1  # the passage the answer was copied from (copy model), else -1
     question_cut: bool = False
+    null: float = 0.0  # log p(the empty answer) where the kind gives it (copy), else 0
 
 
 @dataclass(frozen=True)

@@ -53,17 +53,18 @@ class Rerank:
 @dataclass(frozen=True)
 class Reading:
     """How the generator reads the retrieved passages (``generation.reading``): ``answer_from``
-    inputs of ``top_k`` passages each, the answer kept by answer score + ``answer_weight`` x
-    retrieval score. A bundle without it (older ones) reads one input."""
+    inputs of ``top_k`` passages each, the answer kept by answer score - ``null_weight`` x its
+    empty answer's + ``answer_weight`` x retrieval score. A bundle without it reads one input."""
 
     answer_from: int = 1
     answer_weight: float = 0.0
+    null_weight: float = 0.0
     # abstention: "no answer" when the answer's score is below this (chosen on dev); None: never
     abstain_below: float | None = None
 
     @classmethod
     def from_config(cls, gc: Any, abstain_below: float | None = None) -> Reading:
-        return cls(gc.answer_from, gc.answer_weight, abstain_below)
+        return cls(gc.answer_from, gc.answer_weight, gc.answer_null_weight, abstain_below)
 
 
 def reranker_fingerprint(reranker_dir: Path) -> str:
@@ -202,7 +203,8 @@ class RAGModel:
         preds = answer_each(self.generator, questions,
                             [[self.corpus[pid] for pid, _ in h] for h in hits],
                             [[s for _, s in h] for h in hits], n=n,
-                            weight=self.reading.answer_weight, per_input=k,
+                            weight=self.reading.answer_weight,
+                            null_weight=self.reading.null_weight, per_input=k,
                             batch_size=batch_size, bf16=runtime.use_bf16(self.precision))
         out = []
         below = self.reading.abstain_below

@@ -3,8 +3,13 @@
 Each training example is a question with its top-k retrieved passages; in a configurable share of
 examples (``gold_share``) the gold passage is forced in (replacing the lowest-ranked one, at a
 random slot) so the generator sees the answer often enough to learn to copy it, and learns to
-ignore distractors the rest of the time. The data order and the forcing are fixed by the seed and
-the epoch, so a resumed run sees the same batches as an uninterrupted one.
+ignore distractors the rest of the time. A training input that still holds neither the gold
+passage nor the answer's text (a retrieval miss, ~6% of SQuAD's) is taught the empty answer
+(``missed_target: empty``, as SQuAD 2.0 readers learn "no answer"): taught the reference answer
+instead, the model learns to be as sure of a span copied from a wrong passage as from the right
+one, and the best of several inputs (``generation/reading.py``) cannot be told apart. The data
+order and the forcing are fixed by the seed and the epoch, so a resumed run sees the same batches
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,11 +33,21 @@ def passages_of(ids: Sequence[str], corpus: Mapping[str, Passage]) -> list[Passa
     return [corpus[p] for p in ids]
 
 
+def missed(passages: Sequence[Passage], gold: Sequence[str], answer: str) -> bool:
+    """Whether an input lacks the answer: the gold passage is known and not among the
+    passages, and no passage holds the answer's text (case-insensitive)."""
+    ids = {p.passage_id for p in passages}
+    return bool(gold) and not ids & set(gold) and not any(answer.lower() in p.text.lower()
+                                                          for p in passages)
+
+
 def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Sequence[str]],
                   corpus: Mapping[str, Passage], top_k: int, *, gold_share: float = 0.0,
-                  rng: random.Random | None = None) -> list[Example]:
+                  rng: random.Random | None = None, missed_target: str = "answer"
+                  ) -> list[Example]:
     """Question + top-k retrieved passages (+ the first reference answer); with probability
-    ``gold_share`` the gold passage is forced in when retrieval missed it."""
+    ``gold_share`` the gold passage is forced in when retrieval missed it; with
+    ``missed_target: empty`` an input that lacks the answer (``missed``) gets the answer ""."""
     out = []
     for r in rows:
         ids = list(retrieved[r["id"]][:top_k])
@@ -42,8 +57,10 @@ def make_examples(rows: Sequence[Mapping[str, Any]], retrieved: Mapping[str, Seq
                 slot = rng.randrange(len(ids)) if ids else 0
                 ids = ids[:slot] + ids[slot + 1:]
                 ids.insert(rng.randrange(len(ids) + 1), gold[0])
-        answers = r.get("answers") or [""]
-        out.append(Example(r["question"], passages_of(ids, corpus), answers[0]))
+        passages, answer = passages_of(ids, corpus), (r.get("answers") or [""])[0]
+        if missed_target == "empty" and missed(passages, gold, answer):
+            answer = ""
+        out.append(Example(r["question"], passages, answer))
     return out
 
 
@@ -74,7 +91,7 @@ def epoch_examples(gen: Generator, train_rows: Sequence[Mapping[str, Any]],
     order = list(range(len(train_rows)))
     rng.shuffle(order)
     exs = make_examples([train_rows[i] for i in order], retrieved, corpus, top_k,
-                        gold_share=cfg.gold_share, rng=rng)
+                        gold_share=cfg.gold_share, rng=rng, missed_target=cfg.missed_target)
     return length_grouped([gen.encode(x) for x in exs], cfg.batch_size, rng,
                           length=gen.source_length)
 

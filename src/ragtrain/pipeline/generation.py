@@ -171,7 +171,8 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
         """(the kept answers of ``n`` inputs, each question's answer to its first input)."""
         per_q = read_inputs(g, questions, passages, n=n, per_input=k,
                             batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
-        return (pick(per_q, scores, weight=gc.answer_weight, per_input=k),
+        return (pick(per_q, scores, weight=gc.answer_weight, per_input=k,
+                     null_weight=gc.answer_null_weight),
                 [q[0] for q in per_q])
 
     gen = Generator.load(paths.generator)
@@ -272,7 +273,8 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
         return answer_each(gen, [q["question"] for q in qs],
                            [[corpus[p] for p in got[q["id"]][:k * gc.answer_from]] for q in qs],
                            [sc[q["id"]] for q in qs], n=gc.answer_from,
-                           weight=gc.answer_weight, per_input=k,
+                           weight=gc.answer_weight, null_weight=gc.answer_null_weight,
+                           per_input=k,
                            batch_size=gc.eval_batch_size, bf16=bf16, progress=progress), rel
 
     dev = sample_answered(read_queries(paths, "dev"), cfg.abstention.dev_questions, cfg.seed)

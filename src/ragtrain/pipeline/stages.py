@@ -290,7 +290,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                            else f"retriever model bundle (no generator: ranked passages) -> "
                                 f"{p.bundle}") + (" (reranking)" if m.get("reranker") else ""),
           params=("retriever", "generator.precision", "generator.answer_from",
-                  "generator.answer_weight", "evaluation.split", "abstention.enabled",
+                  "generator.answer_weight", "generator.answer_null_weight", "evaluation.split",
+                  "abstention.enabled",
                   *_RERANK_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/generator", "metrics/generator.json", "artifacts/reranker"),
