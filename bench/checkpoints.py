@@ -83,7 +83,8 @@ def main() -> None:
                             batch_size=gc.eval_batch_size, bf16=bf16)
         seconds = time.perf_counter() - t0
         cells = [score_answers([q[0].answer for q in per_q], refs)]
-        cells += [score_answers([p.answer for p in pick(per_q, scores, weight=w, per_input=k)],
+        cells += [score_answers([p.answer for p in pick(per_q, scores, weight=w, per_input=k,
+                                                        null_weight=gc.answer_null_weight)],
                                 refs) for w in args.weights]
         print(f"{name:<10}" + "".join(f"{c['em']:>8.2f} / {c['f1']:5.2f}" for c in cells)
               + f"{seconds:>9.0f}")

@@ -105,8 +105,9 @@ def main() -> None:
             took[kernel] = seconds = time.perf_counter() - t0
             answers[kernel] = [p.answer for q in per_q for p in q]
             cells = [score_answers([q[0].answer for q in per_q], refs),
-                     score_answers([p.answer for p in pick(per_q, scores,
-                                                           weight=gc.answer_weight)], refs),
+                     score_answers([p.answer for p in pick(
+                         per_q, scores, weight=gc.answer_weight,
+                         null_weight=gc.answer_null_weight)], refs),
                      score_answers(vote(per_q, scores, gc.answer_weight), refs)]
             name = "greedy" if beams == 1 else f"beam search, {beams} beams"
             name += f", {kernel} steps" if len(kernels) > 1 else ""

@@ -2,9 +2,10 @@
 
 After `make demo` (or any finished run: --root), the trained generator answers every dev and
 test question from each of its top ``--max-inputs`` retrieved inputs (``retriever.top_k``
-passages each, from artifacts/retrieved) once; then every (answer_from, answer_weight) of the grid
-is scored from those answers (``generation.reading.pick``). The pair with the best dev EM (then
-F1) is the choice; test is printed beside it, never used to choose.
+passages each, from artifacts/retrieved) once; then every (answer_from, answer_weight,
+answer_null_weight) of the grid is scored from those answers (``generation.reading.pick``). The
+setting with the best dev EM (then F1) is the choice; test is printed beside it, never used to
+choose.
 
     python bench/reading.py --root . --max-inputs 5
 """
@@ -29,6 +30,7 @@ from ragtrain.generation.reading import pick, read_inputs  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 
 WEIGHTS = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+NULL_WEIGHTS = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3)  # x log p(empty answer), subtracted
 
 
 def answers_per_input(root: Path, split: str, gen: Generator, n: int, k: int, bf16: bool,
@@ -60,19 +62,22 @@ def main() -> None:
                                                 corpus)
         refs = [r["answers"] for r in rows]
         for n in range(1, args.max_inputs + 1):
-            for w in WEIGHTS if n > 1 else (0.0,):
-                preds = pick([q[:n] for q in per_q], scores, weight=w, per_input=k)
-                table[split, n, w] = score_answers([p.answer for p in preds], refs)
+            for w, nw in ([(w, nw) for w in WEIGHTS for nw in NULL_WEIGHTS] if n > 1
+                          else [(0.0, 0.0)]):
+                preds = pick([q[:n] for q in per_q], scores, weight=w, per_input=k,
+                             null_weight=nw)
+                table[split, n, w, nw] = score_answers([p.answer for p in preds], refs)
     dev = {key[1:]: v for key, v in table.items() if key[0] == "dev"}
-    best = max(dev, key=lambda nw: (dev[nw]["em"], dev[nw]["f1"], -nw[0]))
-    print(f"{'answer_from':>11} {'weight':>6} {'dev EM':>7} {'dev F1':>7} {'test EM':>8} "
-          f"{'test F1':>8}")
-    for (n, w), m in sorted(dev.items()):
-        t = table["test", n, w]
-        mark = "  <- best on dev" if (n, w) == best else ""
-        print(f"{n:>11} {w:>6.1f} {m['em']:7.2f} {m['f1']:7.2f} {t['em']:8.2f} {t['f1']:8.2f}"
-              f"{mark}")
-    print(json.dumps({"best_on_dev": {"answer_from": best[0], "answer_weight": best[1]}}))
+    best = max(dev, key=lambda s: (dev[s]["em"], dev[s]["f1"], -s[0]))
+    print(f"{'answer_from':>11} {'weight':>6} {'null':>5} {'dev EM':>7} {'dev F1':>7} "
+          f"{'test EM':>8} {'test F1':>8}")
+    for (n, w, nw), m in sorted(dev.items()):
+        t = table["test", n, w, nw]
+        mark = "  <- best on dev" if (n, w, nw) == best else ""
+        print(f"{n:>11} {w:>6.1f} {nw:>5.2f} {m['em']:7.2f} {m['f1']:7.2f} {t['em']:8.2f} "
+              f"{t['f1']:8.2f}{mark}")
+    print(json.dumps({"best_on_dev": {"answer_from": best[0], "answer_weight": best[1],
+                                      "answer_null_weight": best[2]}}))
 
 
 if __name__ == "__main__":
