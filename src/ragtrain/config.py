@@ -198,7 +198,7 @@ class GeneratorConfig:
     # separated by a blank line). The copy model uses [CLS] question [SEP] passage [SEP] ... .
     template: str = "question: {question}\ncontext: {context}\nanswer:"
     gold_share: float = _f(0.5, ge=0, le=1)  # training examples with the gold passage forced in
-    missed_target: Literal["empty", "answer"] = "empty"  # a miss (no gold, no answer): "" or it
+    missed_target: Literal["empty", "answer"] = "empty"  # no gold/answer in input: "" | answer
     decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
     num_beams: int = _f(2, ge=1, le=16)  # copy, constrained: beam search width (1 = greedy)
     # answering: read answer_from inputs of retriever.top_k passages each (the best, the next..)

@@ -35,7 +35,9 @@ def passages_of(ids: Sequence[str], corpus: Mapping[str, Passage]) -> list[Passa
 
 def missed(passages: Sequence[Passage], gold: Sequence[str], answer: str) -> bool:
     """Whether an input lacks the answer: the gold passage is known and not among the
-    passages, and no passage holds the answer's text (case-insensitive)."""
+    passages, and no passage holds the answer's text (case-insensitive: the test ``copy_target``
+    makes before it copies the answer from a passage; not evaluation's token-level
+    ``answer_in_passage``, so what is not a miss is what the copy model can copy)."""
     ids = {p.passage_id for p in passages}
     return bool(gold) and not ids & set(gold) and not any(answer.lower() in p.text.lower()
                                                           for p in passages)
