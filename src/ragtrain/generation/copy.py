@@ -30,7 +30,13 @@ from ragtrain.generation.generator import (
     Prediction,
     on_device,
 )
-from ragtrain.generation.inputs import CopySource, build_copy_source, copy_target, word_ends
+from ragtrain.generation.inputs import (
+    CopySource,
+    build_copy_source,
+    copy_target,
+    holds_answer,
+    word_ends,
+)
 from ragtrain.models import one_token_attention
 
 
@@ -296,7 +302,7 @@ class CopyBackend(Generator):
         encoded: list[dict[str, Any]] = []
         for ex in examples:
             per = [self.encode(Example(ex.question, [p], ex.answer)) for p in ex.passages]
-            has = [i for i, p in enumerate(ex.passages) if ex.answer.lower() in p.text.lower()]
+            has = [i for i, p in enumerate(ex.passages) if holds_answer(p.text, ex.answer)]
             tgt = per[has[0] if has and ex.answer else 0]["tgt"]
             encoded += [{"src": e["src"], "tgt": tgt} for e in per]
         batch = self.collate(encoded)

@@ -90,6 +90,12 @@ def build_copy_source(tok: Any, question: str, passages: Sequence[Passage], max_
     return CopySource(ids, copyable, spans, [psg.text for psg in passages], kept, question_cut)
 
 
+def holds_answer(text: str, answer: str) -> bool:
+    """Whether ``text`` holds the answer's text, case-insensitive: where the copy model can copy
+    it from (``copy_target``'s search), not evaluation's token-level ``answer_in_passage``."""
+    return answer.lower() in text.lower()
+
+
 def copy_target(src: CopySource, answer: str, tok: Any) -> list[int]:
     """The answer's token ids: the passage tokens covering its first occurrence in the kept part
     of a passage (so it can be copied exactly), else the answer tokenized alone."""

@@ -26,6 +26,7 @@ from ragtrain.config import GeneratorConfig
 from ragtrain.data.corpus import Passage
 from ragtrain.evaluation.answers import score_answers
 from ragtrain.generation.generator import Example, Generator, Prediction
+from ragtrain.generation.inputs import holds_answer
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 
 
@@ -35,11 +36,10 @@ def passages_of(ids: Sequence[str], corpus: Mapping[str, Passage]) -> list[Passa
 
 def missed(passages: Sequence[Passage], gold: Sequence[str], answer: str) -> bool:
     """Whether an input lacks the answer: the gold passage is known and not among the
-    passages, and no passage holds the answer's text (case-insensitive: the test ``copy_target``
-    makes before it copies the answer from a passage; not evaluation's token-level
-    ``answer_in_passage``, so what is not a miss is what the copy model can copy)."""
+    passages, and no passage ``holds_answer`` (so what is not a miss is what the copy model can
+    copy)."""
     ids = {p.passage_id for p in passages}
-    return bool(gold) and not ids & set(gold) and not any(answer.lower() in p.text.lower()
+    return bool(gold) and not ids & set(gold) and not any(holds_answer(p.text, answer)
                                                           for p in passages)
 
 
