@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ragtrain.evaluation.abstention import abstains, choose_threshold, report
+from ragtrain.evaluation.abstention import (
+    abstains,
+    abstention_score,
+    calibrate,
+    choose_threshold,
+    report,
+)
 
 
 def test_threshold_maximises_the_mixture_f1_by_hand() -> None:
@@ -43,6 +49,33 @@ def test_report_scores_abstentions_as_wrong_on_answerable_questions() -> None:
     assert m["test/abstain/false_abstention_rate"] == pytest.approx(1 / 3)
     assert m["test/abstain/correct_abstention_rate"] == pytest.approx(3 / 4)
     assert m["dev/abstain/threshold"] == -1.0
+
+
+def test_the_score_subtracts_the_weighted_probability_of_the_empty_answer() -> None:
+    assert abstention_score(0.5, math.log(0.25), 0.4) == pytest.approx(0.5 - 0.4 * 0.25)
+    assert abstention_score(0.5, math.log(0.25), 0.0) == 0.5
+    assert abstention_score(0.5, 0.0, 1.0) == pytest.approx(-0.5)  # kinds without it: a shift
+
+
+def test_calibrate_chooses_the_weight_that_separates_by_hand() -> None:
+    # (relevance, log p(empty), F1): the cosine alone cannot tell the two sets apart (0.5, 0.3
+    # answerable; 0.4, 0.6 not), the generator's "no answer" can (p 0.1 against 0.9)
+    answerable = [(0.5, math.log(0.1), 100.0), (0.3, math.log(0.1), 100.0)]
+    unanswerable = [(0.4, math.log(0.9)), (0.6, math.log(0.9))]
+    cal = calibrate(answerable, unanswerable, [0.0])
+    # w = 0: never abstaining (200 / 4) ties abstaining below 0.5 (100 + 100) / 4: the lowest
+    assert cal.null_weight == 0.0 and cal.f1 == pytest.approx(50.0)
+    assert cal.threshold == -math.inf
+    cal = calibrate(answerable, unanswerable, [0.0, 1.0, 2.0])
+    # w = 1: answerable 0.4, 0.2; unanswerable -0.5, -0.3: abstaining below 0.2 gets all four
+    # right; w = 2 does as well and loses the tie to the earlier weight
+    assert cal.null_weight == 1.0 and cal.threshold == pytest.approx(0.2)
+    assert cal.f1 == pytest.approx(100.0) and cal.f1_never == pytest.approx(50.0)
+    assert cal.abstained_unanswerable == 1.0 and cal.abstained_answerable == 0.0
+    m = report("test", cal, [(0.4, 100.0, 100.0)], [-0.5])
+    assert m["dev/abstain/null_weight"] == 1.0 and m["dev/abstain/threshold"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="at least one null weight"):
+        calibrate(answerable, unanswerable, [])
 
 
 def test_bad_inputs_are_refused() -> None:
@@ -83,9 +116,18 @@ def test_the_stages_choose_report_and_apply_a_threshold(tiny_rag_project: Path) 
     assert m["dev/abstain/f1"] >= m["dev/abstain/f1_never"]
     rag = RAGModel.load(p / "artifacts/rag")
     assert rag.reading.abstain_below == m["dev/abstain/threshold"]
+    assert rag.reading.abstain_null_weight == m["dev/abstain/null_weight"] in (0, .1, .2, .3, .5)
     out = rag.answer(["What river is Paris on?"])[0]
-    assert -1.0001 <= out["relevance"] <= 1.0001  # a cosine
+    w = rag.reading.abstain_null_weight
+    assert -1.0001 - w <= out["relevance"] <= 1.0001  # a cosine, less w x p(empty answer)
     assert out["abstained"] == (out["relevance"] < rag.reading.abstain_below)
+    # the served relevance is the cosine less the weight x the kept answer's p(empty answer)
+    rag.reading = dataclasses.replace(rag.reading, abstain_null_weight=0.0)
+    cosine = rag.answer(["What river is Paris on?"])[0]["relevance"]
+    rag.reading = dataclasses.replace(rag.reading, abstain_null_weight=1.0)
+    p_empty = cosine - rag.answer(["What river is Paris on?"])[0]["relevance"]
+    assert 0 < p_empty <= 1.0001
+    assert out["relevance"] == pytest.approx(cosine - w * p_empty, abs=1e-5)
     rag.reading = dataclasses.replace(rag.reading, abstain_below=2.0)  # above any cosine
     out = rag.answer(["What river is Paris on?"])[0]
     assert out["abstained"] is True and out["answer"] == "" and out["answer_passage"] is None

@@ -23,7 +23,7 @@ SQUAD_V11_DEV_SHA256 = "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03
 
 
 def _f(default: Any, **checks: Any) -> Any:
-    """A dataclass field with range checks: ge, gt, le, lt, pattern."""
+    """A dataclass field with range checks: ge, gt, le, lt, pattern, min_items."""
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=checks)
     return field(default=default, metadata=checks)
@@ -278,10 +278,12 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
-class AbstentionConfig:  # "no answer" when the answer's score is below a threshold chosen on dev
+class AbstentionConfig:  # "no answer" when the first passage's relevance is below a dev threshold
     enabled: bool = False
     dev_questions: int = _f(300, ge=1)  # dev questions, answerable and made unanswerable
     test_questions: int = _f(500, ge=1)  # test questions made unanswerable (correct abstentions)
+    # w tried on dev in relevance - w x p(empty answer): the best, with its threshold (README)
+    null_weights: list[float] = _f([0.0, 0.1, 0.2, 0.3, 0.5], ge=0, min_items=1)
 
 
 @dataclass(frozen=True)
@@ -295,8 +297,7 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     register: bool = True  # the register stage registers each new RAG model as `challenger`
-    # registered models: <model_name> (the composite RAG pyfunc), <model_name>-retriever,
-    # <model_name>-generator
+    # registered: <model_name> (the composite RAG pyfunc), <model_name>-retriever, -generator
     model_name: str = _f("ragtrain-rag", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     primary_metric: str = _f("test/f1", pattern=r"^[/\w.\- ]+$")  # a key of the metrics files
     greater_is_better: bool = True
@@ -329,8 +330,6 @@ class Config:
             raise ConfigError("retriever.hard_negatives_per_query: loss distill needs >= 1 "
                               "teacher-scored negative per question, got 0")
 
-
-# --------------------------------------------------------------------------- loading
 
 
 def _yaml():

@@ -1,7 +1,8 @@
 """Frozen dataclasses built from parsed YAML, checking every value's type and range.
 
 ``build(cls, mapping, prefix)`` rejects unknown keys, wrong types and out-of-range values, naming
-the dotted key and the bad value; the range checks are a field's metadata (ge, gt, le, lt, pattern).
+the dotted key and the bad value; the range checks are a field's metadata (ge, gt, le, lt,
+pattern; min_items for lists).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
     vals = value if isinstance(value, list) else [value]
+    if "min_items" in meta and len(vals) < meta["min_items"]:
+        raise ConfigError(f"{key}: must hold at least {meta['min_items']} item(s), got {value!r}")
     for v in vals:
         if "ge" in meta and not v >= meta["ge"]:
             raise ConfigError(f"{key}: must be >= {meta['ge']}, got {v!r}")

@@ -1,17 +1,21 @@
 """Abstention: the RAG model answers "no answer" when no passage it reads matches the question.
 
-The signal is the bi-encoder's relevance of the first passage read: the cosine of the question's
-and the passage's embeddings (``relevance``). Measured on 300 dev questions, as retrieved and
-with their articles taken out of the corpus, it tells the two apart with AUC 0.93, where the
-generator's answer score (mean token log-probability) scores 0.53 (it copies a span from an
-unrelated passage as confidently) and the hybrid's fused score carries nothing (it is min-max
-normalised per question).
+The signal (``abstention_score``) is the bi-encoder's relevance of the first passage read (the
+cosine of the question's and the passage's embeddings, ``relevance``) less ``null_weight`` x the
+generator's probability of the empty answer on the input its answer was kept from (``Prediction
+.null`` is its log; the copy generator learns the empty answer on training inputs that lack the
+answer). Measured on 300 dev questions, as retrieved and with their articles taken out of the
+corpus (bench/abstention.py): the cosine alone tells the two apart with AUC 0.926, the empty
+answer's probability alone 0.79, both (weight 0.2-0.5) 0.936-0.938; the generator's answer score
+(mean token log-probability) only 0.53 (it copies a span from an unrelated passage as
+confidently), and the hybrid's fused score carries nothing (min-max normalised per question).
 
-The threshold is chosen on dev the way SQuAD 2.0's evaluation picks its best no-answer
-threshold: over a mixture of answerable questions (their passages as retrieved) and the same
-questions made unanswerable (their articles removed from the searched corpus), it maximises the
-mean per-question F1 where answering an answerable question scores its F1, abstaining on it 0,
-abstaining on an unanswerable question 100 and answering it 0.
+The weight and the threshold are chosen on dev the way SQuAD 2.0's evaluation picks its best
+no-answer threshold: over a mixture of answerable questions (their passages as retrieved) and the
+same questions made unanswerable (their articles removed from the searched corpus), they maximise
+the mean per-question F1 where answering an answerable question scores its F1, abstaining on it
+0, abstaining on an unanswerable question 100 and answering it 0 (``calibrate``: the best
+threshold of each weight of ``abstention.null_weights``, the weight whose mixture F1 is highest).
 
 Pure functions of scores and per-question F1 (and ``relevance`` of an encoder); the evaluate
 stage feeds them and writes ``{split}/abstain/*`` beside EM / F1.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 NO_ANSWER = ""  # what an abstaining model answers (scored as a wrong answer on answerable ones)
@@ -35,6 +39,7 @@ class Calibration:
     f1_never: float  # the same when never abstaining
     abstained_answerable: float  # dev answerable questions abstained on (0-1)
     abstained_unanswerable: float  # dev unanswerable questions abstained on (0-1)
+    null_weight: float = 0.0  # the score: relevance - null_weight x p(empty answer)
 
 
 def sample_answered(rows: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[Any]:
@@ -69,6 +74,12 @@ def relevance(encoder: Any, questions: Sequence[str], passages: Sequence[str], *
         q = encoder.encode_queries(list(questions), batch_size)
         p = encoder.encode_passages(list(passages), batch_size)
     return [float(x) for x in (q * p).sum(axis=1)]
+
+
+def abstention_score(relevance: float, null: float, null_weight: float) -> float:
+    """The first passage's relevance less ``null_weight`` x the kept answer's probability of the
+    empty answer (``null``: its log-probability; 0 for generator kinds that do not give it)."""
+    return relevance - null_weight * math.exp(min(null, 0.0))
 
 
 def abstains(score: float, threshold: float) -> bool:
@@ -106,12 +117,31 @@ def choose_threshold(answerable: Sequence[tuple[float, float]],
         abstained_unanswerable=sum(abstains(s, best) for s in unanswerable) / len(unanswerable))
 
 
+def calibrate(answerable: Sequence[tuple[float, float, float]],
+              unanswerable: Sequence[tuple[float, float]],
+              null_weights: Sequence[float]) -> Calibration:
+    """The null weight and threshold that maximise the dev mixture's F1: ``answerable``:
+    (relevance, null, F1 in percent) per question, ``unanswerable``: (relevance, null); each
+    weight gets its best threshold (``choose_threshold``), ties go to the earlier weight."""
+    if not null_weights:
+        raise ValueError("calibrate: needs at least one null weight")
+    best: Calibration | None = None
+    for w in null_weights:
+        cal = choose_threshold([(abstention_score(r, n, w), f1) for r, n, f1 in answerable],
+                               [abstention_score(r, n, w) for r, n in unanswerable])
+        if best is None or cal.f1 > best.f1 + 1e-12:
+            best = replace(cal, null_weight=float(w))
+    assert best is not None
+    return best
+
+
 def report(split: str, calibration: Calibration, answerable: Sequence[tuple[float, float, float]],
            unanswerable: Sequence[float]) -> dict[str, float]:
     """``{split}/abstain/*`` with the threshold applied: EM and F1 (percent) on the answerable
     questions (an abstention scores 0), the false abstention rate on them and the correct
     abstention rate on the unanswerable ones (0-1); ``answerable``: (score, EM, F1) per question,
-    EM and F1 in percent. The dev calibration rides along as ``dev/abstain/*``."""
+    EM and F1 in percent, the scores ``abstention_score`` at the calibration's weight. The dev
+    calibration rides along as ``dev/abstain/*``."""
     t = calibration.threshold
     kept = [(em, f1) for s, em, f1 in answerable if not abstains(s, t)]
     n = len(answerable)
@@ -123,6 +153,7 @@ def report(split: str, calibration: Calibration, answerable: Sequence[tuple[floa
             sum(abstains(s, t) for s in unanswerable) / len(unanswerable),
         f"{split}/abstain/n_unanswerable": len(unanswerable),
         "dev/abstain/threshold": t if math.isfinite(t) else -1e9,
+        "dev/abstain/null_weight": calibration.null_weight,
         "dev/abstain/f1": calibration.f1, "dev/abstain/f1_never": calibration.f1_never,
         "dev/abstain/false_abstention_rate": calibration.abstained_answerable,
         "dev/abstain/correct_abstention_rate": calibration.abstained_unanswerable,

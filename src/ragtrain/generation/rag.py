@@ -59,12 +59,16 @@ class Reading:
     answer_from: int = 1
     answer_weight: float = 0.0
     null_weight: float = 0.0
-    # abstention: "no answer" when the answer's score is below this (chosen on dev); None: never
+    # abstention: "no answer" when the first passage's relevance less abstain_null_weight x the
+    # kept answer's p(empty answer) is below this (both chosen on dev); None: never
     abstain_below: float | None = None
+    abstain_null_weight: float = 0.0
 
     @classmethod
-    def from_config(cls, gc: Any, abstain_below: float | None = None) -> Reading:
-        return cls(gc.answer_from, gc.answer_weight, gc.answer_null_weight, abstain_below)
+    def from_config(cls, gc: Any, abstain_below: float | None = None,
+                    abstain_null_weight: float = 0.0) -> Reading:
+        return cls(gc.answer_from, gc.answer_weight, gc.answer_null_weight, abstain_below,
+                   abstain_null_weight)
 
 
 def reranker_fingerprint(reranker_dir: Path) -> str:
@@ -210,12 +214,13 @@ class RAGModel:
         below = self.reading.abstain_below
         rel: list[float | None] = [None] * len(questions)
         if below is not None:  # abstention: the first passage's relevance under the bi-encoder
-            from ragtrain.evaluation.abstention import relevance
+            from ragtrain.evaluation.abstention import abstention_score, relevance
             from ragtrain.retrieval.encoder import passage_inputs
 
-            rel = list(relevance(self._encoder(), questions,
-                                 passage_inputs([self.corpus[h[0][0]] for h in hits]),
-                                 bf16=runtime.use_bf16(self.precision)))
+            rel = [abstention_score(r, p.null, self.reading.abstain_null_weight) for r, p in zip(
+                relevance(self._encoder(), questions,
+                          passage_inputs([self.corpus[h[0][0]] for h in hits]),
+                          bf16=runtime.use_bf16(self.precision)), preds, strict=True)]
         for q, h, p, r in zip(questions, hits, preds, rel, strict=True):
             no = r is not None and below is not None and r < below  # the dev threshold
             out.append({
@@ -261,8 +266,9 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
         "reranker": ({**to_dict(rerank or Rerank()),
                       "fingerprint": reranker_fingerprint(reranker_dir)}
                      if reranker_dir is not None else None),
-        "reading": ({k: v for k, v in to_dict(reading or Reading()).items()
-                     if not (k == "abstain_below" and v is None)}  # no abstention: as before
+        "reading": ({k: v for k, v in to_dict(reading or Reading()).items()  # no abstention:
+                     if not (k.startswith("abstain_") and (reading or Reading()).abstain_below
+                             is None)}  # as before
                     if generator_dir is not None else None),
         **({"index": search_keys} if search_keys else {}),
         **(extra or {}),

@@ -237,12 +237,14 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
 def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
                 rows: list[dict[str, Any]], preds: list[Any], bf16: bool,
                 progress: bool) -> dict[str, float]:
-    """abstention.enabled: the threshold on the first passage's relevance (the bi-encoder's
-    cosine) chosen on dev (its sampled questions as retrieved, and searched without the dev
-    articles), then ``{split}/abstain/*``: the split's answers with it applied, and its
-    questions searched without its articles (evaluation/abstention.py)."""
+    """abstention.enabled: the null weight and the threshold on the first passage's relevance
+    (the bi-encoder's cosine) less the weight x the kept answer's p(empty answer), chosen on dev
+    (its sampled questions as retrieved, and searched without the dev articles), then
+    ``{split}/abstain/*``: the split's answers with them applied, and its questions searched
+    without its articles (evaluation/abstention.py)."""
     from ragtrain.evaluation.abstention import (
-        choose_threshold,
+        abstention_score,
+        calibrate,
         relevance,
         report,
         sample_answered,
@@ -268,8 +270,8 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
             got, sc = read_retrieved(paths, which), read_retrieved_scores(paths, which)
         rel = relevance(encoder, [q["question"] for q in qs],
                         passage_inputs([corpus[got[q["id"]][0]] for q in qs]), bf16=bf16)
-        if which == split:  # the split's answers are already there
-            return [], rel
+        if qs is rows:  # the split's answers are already there
+            return preds, rel
         return answer_each(gen, [q["question"] for q in qs],
                            [[corpus[p] for p in got[q["id"]][:k * gc.answer_from]] for q in qs],
                            [sc[q["id"]] for q in qs], n=gc.answer_from,
@@ -281,20 +283,25 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
     if not dev:
         raise DataError(f"{paths.queries('dev')}: abstention.enabled needs dev questions with "
                         "answers to choose its threshold on")
-    dev_preds, dev_rel = ask(dev, "dev")
-    answered = [(r, 100 * score_one(p.answer, q["answers"])["f1"])
-                for p, r, q in zip(dev_preds, dev_rel, dev, strict=True)]
-    calibration = choose_threshold(answered, ask(dev, "dev_unanswerable")[1])
+    answered = [(r, p.null, 100 * score_one(p.answer, q["answers"])["f1"])
+                for p, r, q in zip(*ask(dev, "dev"), dev, strict=True)]
+    calibration = calibrate(answered, [(r, p.null) for p, r in zip(*ask(dev, "dev_unanswerable"),
+                                                                    strict=True)],
+                            cfg.abstention.null_weights)
+    w = calibration.null_weight
     unanswerable = sample_answered(rows, cfg.abstention.dev_questions if split == "dev"
                                    else cfg.abstention.test_questions, cfg.seed)
-    per_q = [(r, *(100 * v for v in (s["em"], s["f1"])))
-             for p, r, q in zip(preds, ask(rows, split)[1], rows, strict=True)
+    per_q = [(abstention_score(r, p.null, w), *(100 * v for v in (s["em"], s["f1"])))
+             for p, r, q in zip(*ask(rows, split), rows, strict=True)
              for s in [score_one(p.answer, q["answers"])]]
-    return report(split, calibration, per_q, ask(unanswerable, f"{split}_unanswerable")[1])
+    return report(split, calibration, per_q, [
+        abstention_score(r, p.null, w)
+        for p, r in zip(*ask(unanswerable, f"{split}_unanswerable"), strict=True)])
 
 
-def _abstain_below(cfg: Config, paths: Paths) -> float | None:
-    """abstention.enabled: the threshold evaluate chose on dev (metrics/generator.json)."""
+def _abstain_below(cfg: Config, paths: Paths) -> tuple[float, float] | None:
+    """abstention.enabled: the threshold and the null weight evaluate chose on dev
+    (metrics/generator.json)."""
     if not cfg.abstention.enabled:
         return None
     m = json.loads(paths.generator_metrics.read_text()) if paths.generator_metrics.exists() \
@@ -302,7 +309,7 @@ def _abstain_below(cfg: Config, paths: Paths) -> float | None:
     if "dev/abstain/threshold" not in m:
         raise DataError(f"{paths.generator_metrics}: no dev/abstain/threshold; abstention.enabled "
                         "is true: run `ragtrain evaluate` with it (or dvc repro)")
-    return float(m["dev/abstain/threshold"])
+    return float(m["dev/abstain/threshold"]), float(m.get("dev/abstain/null_weight", 0.0))
 
 
 def _write_evaluate_disabled(paths: Paths) -> dict[str, float]:
@@ -323,7 +330,7 @@ def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
 
     parts: dict[str, Any] = dict(paths.rag_parts())
     if parts.get("generator_dir") is not None:
-        parts["reading"] = Reading.from_config(cfg.generator, _abstain_below(cfg, paths))
+        parts["reading"] = Reading.from_config(cfg.generator, *(_abstain_below(cfg, paths) or ()))
     if cfg.reranker.enabled:
         if paths.reranker_disabled.exists():
             raise DataError(f"{paths.reranker_disabled}: reranker.enabled is true but no "
