@@ -133,6 +133,11 @@ def test_the_stages_choose_report_and_apply_a_threshold(tiny_rag_project: Path) 
     assert out["abstained"] is True and out["answer"] == "" and out["answer_passage"] is None
     rag.reading = dataclasses.replace(rag.reading, abstain_below=-2.0)
     assert rag.answer(["What river is Paris on?"])[0]["abstained"] is False
+    # evaluated on dev (the tiny project's one dev question is both the split and the sample)
+    set_params(p / "params.yaml", {"evaluation.split": "dev", "abstention.null_weights": [0.0]})
+    assert cli.main(["evaluate"]) == 0
+    m = json.loads((p / "metrics/generator.json").read_text())
+    assert m["dev/abstain/null_weight"] == 0.0 and 0 <= m["dev/abstain/em"] <= m["dev/em"]
 
 
 def test_relevance_is_the_cosine_of_the_two_embeddings() -> None:
