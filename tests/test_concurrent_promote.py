@@ -52,6 +52,31 @@ def test_a_crashed_holders_lock_is_broken_when_stale(store, rcfg) -> None:  # no
         pass
 
 
+def test_a_lock_released_while_the_store_checks_it_is_taken(store, rcfg, monkeypatch) -> None:  # noqa: F811
+    """MLflow's store answers a taken name by re-reading the model; when the holder deletes it
+    in between, creating raises RESOURCE_DOES_NOT_EXIST (seen in CI with two promotions at
+    once): the lock is free then, and the waiter takes it instead of failing."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    tcfg, root = store
+    lock = f"{rcfg.model_name}{LOCK_SUFFIX}"
+    holder = tracking.client(tcfg.uri, root)
+    holder.create_registered_model(lock, tags={"owner": "other:1", "since": f"{time.time()}"})
+    read = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def release_then_read(self, name):  # the holder releases between insert and re-read
+        if name == lock and not released:
+            released.append(name)
+            holder.delete_registered_model(lock)
+        return read(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", release_then_read)
+    with tracking.registry_lock(tcfg, rcfg.model_name, root=root, wait_s=0.5):
+        assert released and locks(store, rcfg.model_name)  # ours now
+    assert not locks(store, rcfg.model_name)
+
+
 @pytest.mark.slow
 def test_two_promotions_at_once_against_a_server(tmp_path: Path) -> None:
     from tests.test_serving import start_mlflow_server

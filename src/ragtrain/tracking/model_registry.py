@@ -279,6 +279,9 @@ def _try_lock(mc: Any, lock: str, owner: str) -> dict[str, str] | None:
                                    "model is in progress")
         return None
     except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return {}  # MLflow's store found the name taken, then re-read it after its holder
+            # released it (a race seen in CI against a server): free again, try again
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     try:
