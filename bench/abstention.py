@@ -42,6 +42,7 @@ from ragtrain.evaluation.abstention import (  # noqa: E402
     calibrate,
     choose_threshold,
     relevance,
+    report,
     sample_answered,
 )
 from ragtrain.evaluation.answers import score_one  # noqa: E402
@@ -136,24 +137,17 @@ def main() -> None:
 
     print(f"{'signal':<24} {'dev AUC':>7} {'test AUC':>8} {'dev mixF1':>9} {'test EM':>7} "
           f"{'test F1':>7} {'false ab':>8} {'correct ab':>10} {'test mixF1':>10}")
-    rows_out = []
     for name, sig in SIGNALS.items():
         s = {k: [sig(a, i) for i in range(len(a.kept))] for k, a in asked.items()}
         cal = choose_threshold([(v, 100 * sc["f1"]) for v, sc in zip(s["dev"], asked["dev"].scores,
                                                                       strict=True)], s["dev_u"])
-        t = cal.threshold
-        kept = [sc for v, sc in zip(s["test"], asked["test"].scores, strict=True) if v >= t]
-        n = len(s["test"])
-        em, f1 = (100 * sum(x[m] for x in kept) / n for m in ("em", "f1"))
-        correct = sum(v < t for v in s["test_u"]) / len(s["test_u"])
-        # the test mixture, weighted half / half like dev's
-        mix = (f1 + 100 * correct) / 2
-        rows_out.append((name, cal.f1))
+        m = report("test", cal, [(v, 100 * sc["em"], 100 * sc["f1"]) for v, sc in zip(
+            s["test"], asked["test"].scores, strict=True)], s["test_u"])
+        correct = m["test/abstain/correct_abstention_rate"]
+        mix = (m["test/abstain/f1"] + 100 * correct) / 2  # the test mixture, half / half as dev
         print(f"{name:<24} {auc(s['dev'], s['dev_u']):7.3f} {auc(s['test'], s['test_u']):8.3f} "
-              f"{cal.f1:9.2f} {em:7.2f} {f1:7.2f} {1 - len(kept) / n:8.3f} {correct:10.3f} "
-              f"{mix:10.2f}")
-    best = max((r for r in rows_out if " - " in r[0]), key=lambda r: r[1])
-    print(f"best combination on dev (mixture F1): {best[0]}")
+              f"{cal.f1:9.2f} {m['test/abstain/em']:7.2f} {m['test/abstain/f1']:7.2f} "
+              f"{m['test/abstain/false_abstention_rate']:8.3f} {correct:10.3f} {mix:10.2f}")
     cal = calibrate([(r, p.null, 100 * sc["f1"]) for r, p, sc in zip(
         asked["dev"].cos, asked["dev"].kept, asked["dev"].scores, strict=True)],
         [(r, p.null) for r, p in zip(asked["dev_u"].cos, asked["dev_u"].kept, strict=True)],

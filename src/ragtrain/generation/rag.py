@@ -251,6 +251,7 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
     fingerprint and the ``rerank`` settings are bound in the manifest; ``index_cfg``: how the
     served model searches its index (recorded where not the default)."""
     ic, default = index_cfg or IndexConfig(), IndexConfig()
+    reading = reading or Reading()
     search_keys = {k: getattr(ic, k) for k in ("device", "mmap")
                    if getattr(ic, k) != getattr(default, k)}
     idx_meta = json.loads((index_dir / "meta.json").read_text())
@@ -266,9 +267,8 @@ def export_bundle(rc: RetrieverConfig, *, encoder_dir: Path, index_dir: Path, bm
         "reranker": ({**to_dict(rerank or Rerank()),
                       "fingerprint": reranker_fingerprint(reranker_dir)}
                      if reranker_dir is not None else None),
-        "reading": ({k: v for k, v in to_dict(reading or Reading()).items()  # no abstention:
-                     if not (k.startswith("abstain_") and (reading or Reading()).abstain_below
-                             is None)}  # as before
+        "reading": ({k: v for k, v in to_dict(reading).items()  # no abstention: as before
+                     if not (k.startswith("abstain_") and reading.abstain_below is None)}
                     if generator_dir is not None else None),
         **({"index": search_keys} if search_keys else {}),
         **(extra or {}),

@@ -299,7 +299,7 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
         for p, r in zip(*ask(unanswerable, f"{split}_unanswerable"), strict=True)])
 
 
-def _abstain_below(cfg: Config, paths: Paths) -> tuple[float, float] | None:
+def _abstention_reading(cfg: Config, paths: Paths) -> tuple[float, float] | None:
     """abstention.enabled: the threshold and the null weight evaluate chose on dev
     (metrics/generator.json)."""
     if not cfg.abstention.enabled:
@@ -330,7 +330,8 @@ def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
 
     parts: dict[str, Any] = dict(paths.rag_parts())
     if parts.get("generator_dir") is not None:
-        parts["reading"] = Reading.from_config(cfg.generator, *(_abstain_below(cfg, paths) or ()))
+        abstain = _abstention_reading(cfg, paths) or ()
+        parts["reading"] = Reading.from_config(cfg.generator, *abstain)
     if cfg.reranker.enabled:
         if paths.reranker_disabled.exists():
             raise DataError(f"{paths.reranker_disabled}: reranker.enabled is true but no "
