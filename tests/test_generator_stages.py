@@ -148,6 +148,17 @@ def test_generator_stage_runs_are_tracked_in_mlflow(tiny_rag_project: Path) -> N
     assert ev.inputs.dataset_inputs
     assert "rag_manifest.json" in {a.path for a in mc.list_artifacts(runs["package"].info.run_id)}
 
+    # the stages the config switches off write their DISABLED markers and their wall time, and
+    # open no MLflow run (one would cost ~2.5 s of importing MLflow for nothing)
+    idle = ("train-reranker", "teacher-scores", "retrieve-unanswerable", "train-rag")
+    for stage in idle:
+        assert cli.main([stage]) == 0, stage
+    for marker in ("reranker", "teacher_scores", "unanswerable", "rag_joint"):
+        assert (tiny_rag_project / "artifacts" / marker / "DISABLED.json").is_file(), marker
+    assert not set(idle) & {r.info.run_name for r in mc.search_runs([exp.experiment_id])}
+    timings = json.loads((tiny_rag_project / "timings/timings.json").read_text())
+    assert {f"{s.replace('-', '_')}/wall_seconds" for s in idle} <= set(timings)
+
 
 def manifest_reading(project: Path) -> dict:
     return json.loads((project / "artifacts/rag/rag.json").read_text())["reading"]

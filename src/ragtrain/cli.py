@@ -29,10 +29,12 @@ from ragtrain.pipeline.registry import load_registered_rag
 
 def _cmd_stage(cfg: Config, paths: Paths, args: argparse.Namespace) -> int | None:
     stage = stages.STAGES[args.stage]
-    if args.from_command_line:  # not when a caller (a test) runs main() in its own process
+    # not when a caller (a test) runs main() in its own process, nor for a stage with no work
+    if args.from_command_line and not stage.is_idle(cfg):
         reexec_with_jemalloc(args.argv)  # returns unless the process restarts under jemalloc
     nproc = distributed.requested_processes()
-    if stage.multiprocess and nproc > 1 and not distributed.under_torchrun():
+    if (stage.multiprocess and nproc > 1 and not distributed.under_torchrun()
+            and not stage.is_idle(cfg)):
         return distributed.relaunch(nproc, ["-m", "ragtrain.cli", *args.argv])
     kwargs = {"resume": args.resume} if stage.resume else {}
     kwargs.update({o.dest: getattr(args, o.dest) for o in stage.options

@@ -253,19 +253,19 @@ def run_retrieve_unanswerable(cfg: Config, paths: Paths) -> dict[str, float]:
     DISABLED.json only). The passages taken out are dropped from a first-stage list deeper by as
     many, so what is left is the search of the reduced corpus (the hybrid's min-max
     normalisation still saw them)."""
-    import numpy as np
-
-    from ragtrain.data.corpus import Corpus
-    from ragtrain.evaluation.abstention import removed_passages, sample_answered
-    from ragtrain.retrieval.search import Retriever
-
     ab, rc, stats = cfg.abstention, cfg.retriever, {}
     with atomic_path(paths.unanswerable) as out:
         out.mkdir()
-        if not ab.enabled:
+        if not ab.enabled:  # before the imports below (torch, faiss): ~1.5 s of nothing
             atomic_write_json(out / "DISABLED.json", {
                 "enabled": False, "reason": "abstention.enabled is false in params.yaml"})
             return {"abstention/enabled": 0}
+        import numpy as np
+
+        from ragtrain.data.corpus import Corpus
+        from ragtrain.evaluation.abstention import removed_passages, sample_answered
+        from ragtrain.retrieval.search import Retriever
+
         corpus = Corpus.load(paths.corpus)
         reranker = _load_reranker(cfg, paths)
         r = Retriever.load(rc.kind, rc, encoder_dir=paths.retriever, index_dir=paths.index,

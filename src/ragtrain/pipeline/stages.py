@@ -76,6 +76,9 @@ class Stage:
     # runs as RAGTRAIN_NPROC_PER_NODE processes under torchrun (also every training stage)
     parallel: bool = False
     own_run: bool = False  # opens its MLflow run itself (only when it has work to log)
+    # the config leaves it nothing to do (it writes its DISABLED marker): no MLflow run, whose
+    # start-up (~2.5 s of importing MLflow) would be most of its time
+    idle: Callable[[Config], bool] | None = None
     extra_code: tuple[str, ...] = ()  # package files loaded by path, not imported
     comment: str = ""  # explains the stage in dvc.yaml
     options: tuple[Option, ...] = ()  # extra CLI options (not used by dvc.yaml's cmd)
@@ -84,6 +87,10 @@ class Stage:
     def multiprocess(self) -> bool:
         """Whether RAGTRAIN_NPROC_PER_NODE > 1 relaunches it under torchrun."""
         return self.parallel or self.resume
+
+    def is_idle(self, cfg: Config) -> bool:
+        """Whether ``cfg`` leaves it nothing to do but write its DISABLED marker."""
+        return self.idle is not None and self.idle(cfg)
 
     @property
     def dvc_name(self) -> str:
@@ -188,6 +195,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           if c.reranker.enabled else f"reranker disabled (reranker.enabled: false) -> "
                                      f"{p.reranker_disabled}",
           params=("seed", "reranker"), deps=("data/prepared", "artifacts/bm25"),
+          idle=lambda c: not c.reranker.enabled,
           outs=("artifacts/reranker",), metrics=("metrics/train_reranker.json",),
           plots=(Plot("plots/train_reranker.json", "step", "loss"),),
           log=log.log_train_reranker, resume=True,
@@ -198,6 +206,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda c, p, m: (f"teacher scores -> {p.teacher_scores}: " + _fmt(m, "g"))
           if m.get("teacher/enabled") else f"no teacher (retriever.loss: {c.retriever.loss}) "
                                            f"-> {p.teacher_scores}/DISABLED.json",
+          idle=lambda c: c.retriever.loss != "distill",
           params=("retriever.loss", "retriever.hard_negative_depth",
                   "retriever.hard_negatives_per_query", "reranker.precision",
                   "reranker.eval_batch_size"),
@@ -240,6 +249,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda c, p, m: f"unanswerable questions retrieved -> {p.unanswerable}: "
                           + _fmt(m, ".4f") if m.get("abstention/enabled")
           else f"abstention disabled -> {p.unanswerable}/DISABLED.json",
+          idle=lambda c: not c.abstention.enabled,
           params=("seed", "abstention", "retriever.kind", "retriever.top_k",
                   "retriever.hybrid", *_RERANK_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
@@ -267,6 +277,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
               {k: v for k, v in m.items() if "/joint" in k or "/pipeline" in k}, ".4g"))
           if c.joint.enabled else "joint training disabled (joint.enabled: false) -> "
                                   "artifacts/rag_joint/DISABLED.json",
+          idle=lambda c: not c.joint.enabled,
           params=("seed", "joint", "evaluation", "retriever.kind", "retriever.top_k",
                   "retriever.hybrid"),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/embeddings",
@@ -335,7 +346,7 @@ def run_stage(name: str, cfg: Config, paths: Paths, **kwargs: Any) -> Any:
         return stage.fn(cfg, paths, **kwargs)  # tracks, times and writes the outputs
     t0 = time.perf_counter()
     before = read_timings(paths.timings)
-    if stage.own_run:
+    if stage.own_run or stage.is_idle(cfg):
         result = stage.fn(cfg, paths, **kwargs)
         record_timings(paths.timings, {f"{stage.dvc_name}/wall_seconds": time.perf_counter() - t0})
         return result
