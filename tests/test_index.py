@@ -183,7 +183,7 @@ def test_missing_folder_or_file_is_named(tmp_path: Path, missing: str) -> None:
 def test_ids_count_mismatch_is_refused(tmp_path: Path) -> None:
     ix.save_index(tiny_index(), tmp_path / "index")
     (tmp_path / "index" / "passage_ids.json").write_text(json.dumps(["a", "b"]))
-    with pytest.raises(IndexFileError, match="2 passage ids, but index.faiss holds 5"):
+    with pytest.raises(IndexFileError, match="2 ids of 2 passages, but index.faiss holds 5"):
         ix.load_index(tmp_path / "index")
 
 

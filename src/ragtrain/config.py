@@ -50,15 +50,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_tokens and self.chunk_overlap >= self.chunk_tokens:
-            raise ConfigError(
-                f"chunk_overlap: must be smaller than chunk_tokens "
-                f"({self.chunk_tokens}), got {self.chunk_overlap}"
-            )
+            raise ConfigError(f"chunk_overlap: must be smaller than chunk_tokens "
+                              f"({self.chunk_tokens}), got {self.chunk_overlap}")
         if self.dev_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                f"dev_fraction + test_fraction: must leave documents for training, "
-                f"got {self.dev_fraction} + {self.test_fraction}"
-            )
+            raise ConfigError(f"dev_fraction + test_fraction: must leave documents for training, "
+                              f"got {self.dev_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -162,19 +158,25 @@ class IndexConfig:
     ivf_nprobe: int = _f(8, ge=1)
     pq_m: int = _f(16, ge=1)  # sub-quantizers; must divide the embedding dimension
     pq_bits: int = _f(8, ge=1, le=16)
-    # ivfpq: re-rank refine_k_factor * k PQ candidates on vectors it also stores; 0 = off
-    refine_k_factor: int = _f(0, ge=0)
+    refine_k_factor: int = _f(0, ge=0)  # ivfpq: re-rank this x k PQ candidates exactly; 0 = off
     # what the re-ranking reads: flat (exact, 4 B/dim), fp16 (2 B/dim), sq8 (1 B/dim, trained)
     refine_store: Literal["flat", "fp16", "sq8"] = "flat"
     # build-index preflight: refuse a kind whose estimated memory exceeds this; 0 = MemAvailable
     max_memory_gb: float = _f(0.0, ge=0)
-    # reuse the embeddings of unchanged passages (cache/embeddings/, keyed by passage text and
-    # encoder): a 1% corpus edit re-encodes ~1%. Off by default: under bf16 an embedding depends
-    # on its batch's padding by up to ~1e-3, so a warm-cache build can differ from a fresh
-    # clone's in the last digits of the metrics (same top-1 measured; bench/incremental.py)
+    # reuse unchanged passages' embeddings (cache/embeddings/, keyed by text and encoder): a 1%
+    # edit re-encodes ~1%. Off: under bf16 an embedding depends on its batch's padding (~1e-3),
+    # so a warm-cache build can move a fresh clone's metrics' last digits (bench/incremental.py)
     embedding_cache: bool = False
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu where it sees a GPU
     mmap: bool = False  # search the saved index from disk (memory-mapped): indexes past RAM
+    # passages as windows of this many words, a vector each, scored by the best (MaxP: see
+    window_words: int = _f(0, ge=0)  # retrieval/windows.py); 0 = one vector per passage
+    window_stride: int = _f(0, ge=0)  # words between window starts; 0 = window_words // 2
+
+    def __post_init__(self) -> None:
+        if self.window_stride > self.window_words:  # words would be skipped
+            raise ConfigError(f"window_stride: at most window_words ({self.window_words}), "
+                              f"got {self.window_stride}")
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,9 @@ class Config:
         if self.retriever.loss == "distill" and self.retriever.hard_negatives_per_query < 1:
             raise ConfigError("retriever.hard_negatives_per_query: loss distill needs >= 1 "
                               "teacher-scored negative per question, got 0")
-
+        if self.joint.enabled and self.index.window_words:
+            raise ConfigError("index.window_words: the joint stage scores one vector per "
+                              "passage; set it to 0 with joint.enabled: true")
 
 
 def _yaml():
@@ -403,11 +407,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -438,9 +441,7 @@ def set_params(path: Path, assignments: Mapping[str, Any]) -> Config:
         parts = k.split(".")
         node = doc
         for p in parts[:-1]:
-            if p not in node:
-                node[p] = {}
-            node = node[p]
+            node = node.setdefault(p, {})
         node[parts[-1]] = v
     buf = io.StringIO()
     y.dump(doc, buf)

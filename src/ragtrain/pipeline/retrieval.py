@@ -74,19 +74,23 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
 
 
 def run_build_index(cfg: Config, paths: Paths) -> Path:
-    """Encode the corpus with the trained passage tower -> artifacts/embeddings, artifacts/index."""
+    """Encode the corpus (each passage, or its windows: ``index.window_words``) with the trained
+    passage tower -> artifacts/embeddings, artifacts/index."""
     import numpy as np
 
     from ragtrain import distributed, runtime
     from ragtrain.data.corpus import Corpus
     from ragtrain.retrieval.embedding_cache import encode_with_cache
-    from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder
     from ragtrain.retrieval.index import build_index_from_npy, save_index
     from ragtrain.retrieval.preflight import check_index_build
+    from ragtrain.retrieval.windows import passage_windows
 
     corpus = Corpus.load(paths.corpus)
+    texts, owners = passage_windows(corpus.passages, cfg.index.window_words,
+                                    cfg.index.window_stride)
     model = BiEncoder.load(paths.retriever).use_runtime(cfg.retriever.runtime)
-    check_index_build(len(corpus.ids), model.passage.model.config.hidden_size, cfg.index,
+    check_index_build(len(texts), model.passage.model.config.hidden_size, cfg.index,
                       paths.index)  # refuses before encoding when the index cannot fit
     fp = model.fingerprint()
     bf16 = runtime.use_bf16(cfg.retriever.precision)
@@ -105,22 +109,21 @@ def run_build_index(cfg: Config, paths: Paths) -> Path:
     if cfg.index.embedding_cache:  # opt-in: reuse unchanged passages' embeddings
         precision = cfg.retriever.runtime if model.onnx else "bf16" if bf16 else "fp32"
         cache = embedding_cache(paths, fp, model.spec.pooling, precision)
-        emb, stats = encode_with_cache(passage_inputs(corpus.passages),
-                                       model.spec.passage_max_length, encode, cache)
+        emb, stats = encode_with_cache(texts, model.spec.passage_max_length, encode, cache)
         print(f"build-index: {stats.n_encoded} of {stats.n_passages} passages encoded, "
               f"{stats.n_cached} from the embedding cache ({cache.dir})", file=sys.stderr)
     else:
-        emb = encode(passage_inputs(corpus.passages))
+        emb = encode(texts)
     encode.close()
     corpus_sha = sha256_file(paths.corpus)
     with atomic_path(paths.embeddings) as tmp:
         tmp.mkdir()
         np.save(tmp / "embeddings.npy", emb)
-        atomic_write_json(tmp / "meta.json", {"passage_ids": corpus.ids, "dim": emb.shape[1],
+        atomic_write_json(tmp / "meta.json", {"passage_ids": owners, "dim": emb.shape[1],
                                               "encoder_fingerprint": fp,
                                               "corpus_sha256": corpus_sha})
     del emb  # the index is built from the saved file a chunk at a time: memory holds the index
-    idx = build_index_from_npy(paths.embeddings / "embeddings.npy", corpus.ids, cfg.index,
+    idx = build_index_from_npy(paths.embeddings / "embeddings.npy", owners, cfg.index,
                                corpus_sha256=corpus_sha, encoder_fingerprint=fp, seed=cfg.seed)
     save_index(idx, paths.index)
     return paths.index
@@ -154,10 +157,11 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
     questions -> metrics/retriever.json (the configured kind unprefixed) + per-question file."""
     from ragtrain import runtime
     from ragtrain.data.corpus import Corpus, check_gold_ids
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
     from ragtrain.retrieval.metrics import evaluate_retrieval
     from ragtrain.retrieval.search import Retriever
     from ragtrain.retrieval.training import exact_search
+    from ragtrain.retrieval.windows import passage_windows, search_passages
 
     ec, rc = cfg.evaluation, cfg.retriever
     split = ec.split
@@ -176,11 +180,13 @@ def run_eval_retriever(cfg: Config, paths: Paths) -> dict[str, float]:
         ranked["reranked"] = [row[:k] for row in _rerank(cfg, reranker, corpus, questions,
                                                          *found[rc.kind])[1]]
     base = BiEncoder.from_pretrained(EncoderSpec.from_config(rc))
+    texts, owners = passage_windows(corpus.passages, cfg.index.window_words,
+                                    cfg.index.window_stride)  # as the index: windows or not
     with runtime.autocast(runtime.use_bf16(rc.precision)):
-        p = base.encode_passages(passage_inputs(corpus.passages), cfg.index.encode_batch_size,
-                                 progress=True)
+        p = base.encode_passages(texts, cfg.index.encode_batch_size, progress=True)
         q = base.encode_queries(questions, 128)
-    ranked["untrained"] = exact_search(q, p, corpus.ids, k)[1]
+    ranked["untrained"] = (search_passages(lambda m: exact_search(q, p, owners, m), k, len(owners))
+                           if cfg.index.window_words else exact_search(q, p, corpus.ids, k))[1]
 
     gold = [r["gold_passage_ids"] for r in rows]
     answers = [r["answers"] for r in rows]

@@ -230,7 +230,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("eval-retriever", run_eval_retriever,
           "recall@k / MRR / nDCG of BM25, untrained, trained, hybrid (and reranked) retrieval",
           _say_eval_retriever,
-          params=("evaluation", "retriever.kind", "retriever.hybrid", *_RERANK_PARAMS),
+          params=("evaluation", "retriever.kind", "retriever.hybrid", *_RERANK_PARAMS,
+                  "index.window_words", "index.window_stride"),  # the untrained baseline's
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/reranker"),
           outs=("artifacts/eval/retriever_test.jsonl",), metrics=("metrics/retriever.json",),

@@ -11,24 +11,21 @@ Index kinds:
 - ``hnsw``: ``IndexHNSWFlat`` (inner product); always searched on CPU (faiss has no GPU HNSW).
 - ``ivfpq``: ``IndexIVFPQ`` (inner product), trained on a seeded sample of the embeddings
   (``TRAIN_PER_LIST`` points per list, at least ``39 * 2 ** pq_bits``; all of them when fewer).
-  ``nlist`` is reduced to ``n_passages // 39`` (at least 1) when the corpus is too small for
-  ``index.ivf_nlist`` (faiss wants 39 training points per list); ``nprobe`` is capped at nlist.
-  ``pq_m`` must divide the embedding dimension and the corpus must hold at least
-  ``2 ** pq_bits`` passages (one per PQ centroid); otherwise build_index raises, since silently
-  shrinking the code size would change what the index is. Use ``flat`` for tiny corpora.
-  The effective values are recorded in ``meta.params``. ``index.refine_k_factor > 0`` wraps it
-  in ``IndexRefineFlat``: the PQ search returns ``k * refine_k_factor`` candidates, re-ranked by
-  exact inner product on the raw vectors it also stores (recall near flat's, flat's memory);
-  ``index.refine_store: fp16 | sq8`` re-ranks on scalar-quantized copies instead (``IndexRefine``
-  over ``IndexScalarQuantizer``: 2 or 1 byte per dimension, near-exact scores).
+  ``nlist`` is cut to ``n // 39`` (at least 1) for a corpus too small for ``index.ivf_nlist``
+  (faiss wants 39 training points per list); ``nprobe`` is capped at nlist. ``pq_m`` must
+  divide the dimension and the corpus hold ``2 ** pq_bits`` vectors (one per PQ centroid), or
+  build_index raises: shrinking the code silently would change what the index is (use ``flat``
+  for tiny corpora). ``meta.params`` records the effective values. ``index.refine_k_factor``
+  > 0 wraps it in ``IndexRefineFlat``: ``k * refine_k_factor`` PQ candidates re-ranked exactly
+  on the raw vectors it also stores; ``index.refine_store: fp16 | sq8`` re-ranks on 2 or 1 byte
+  per dimension copies instead (``IndexRefine`` over ``IndexScalarQuantizer``).
+- ``index.window_words > 0``: one vector per passage window, ids repeated (``windows.py``).
 
-Builds are deterministic: faiss k-means is seeded (``cp.seed``), and flat / HNSW adds do not
-use randomness beyond HNSW's fixed level generator.
-
-``build_index_from_npy`` builds from a saved ``.npy`` without loading it: the training sample,
-then the vectors a chunk at a time, so the build holds the index, not the embeddings (what
-``build-index`` does after saving them). Flat and IVF-PQ indexes come out byte-identical to
-``build_index`` over the loaded array.
+Builds are deterministic: faiss k-means is seeded (``cp.seed``); flat / HNSW adds use no
+randomness beyond HNSW's fixed level generator. ``build_index_from_npy`` builds from a saved
+``.npy`` without loading it: the training sample, then the vectors a chunk at a time, so the
+build holds the index, not the embeddings (what ``build-index`` does after saving them); flat
+and IVF-PQ indexes come out byte-identical to ``build_index`` over the loaded array.
 
 ``load_index(..., mmap=True)`` (``index.mmap``) searches the saved file from disk, for indexes
 larger than RAM: faiss memory-maps IVF-PQ's inverted lists (``IO_FLAG_MMAP``) or else the stored
@@ -126,14 +123,13 @@ def validate_embeddings(x: np.ndarray, what: str) -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     finite = np.isfinite(arr).all(axis=1)  # (n,)
     if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        raise RetrievalError(
-            f"{what}: {int((~finite).sum())} row(s) contain NaN or inf (first bad row: {bad})"
-        )
+        raise RetrievalError(f"{what}: {int((~finite).sum())} row(s) contain NaN or inf (first "
+                             f"bad row: {int(np.flatnonzero(~finite)[0])})")
     return arr
 
 
-def _check_ids(passage_ids: Sequence[str], n: int, what: str) -> list[str]:
+def _check_ids(passage_ids: Sequence[str], n: int, what: str, windows: bool) -> list[str]:
+    """One id per row; distinct, or with ``windows`` each passage's rows in a run."""
     ids = list(passage_ids)
     if len(ids) != n:
         raise RetrievalError(f"{what}: {len(ids)} passage ids for {n} embedding rows")
@@ -141,7 +137,7 @@ def _check_ids(passage_ids: Sequence[str], n: int, what: str) -> list[str]:
     for i, pid in enumerate(ids):
         if not isinstance(pid, str):
             raise RetrievalError(f"{what}: passage id at {i} is not a string: {pid!r}")
-        if pid in seen:
+        if pid in seen and not (windows and ids[i - 1] == pid):
             raise RetrievalError(f"{what}: duplicate passage id {pid!r} (at {i})")
         seen.add(pid)
     return ids
@@ -307,7 +303,7 @@ def _build(n: int, dim: int, sample: Callable[[], np.ndarray],
            seed: int) -> DenseIndex:
     """The index of ``n`` vectors: trained on ``sample()`` (IVF-PQ; freed once trained),
     filled from ``chunks()``."""
-    ids = _check_ids(passage_ids, n, "passage embeddings")
+    ids = _check_ids(passage_ids, n, "passage embeddings", windows=cfg.window_words > 0)
     if cfg.kind == "flat":
         index: Any = faiss.IndexFlatIP(dim)
         params: dict[str, int] = {}
@@ -323,8 +319,11 @@ def _build(n: int, dim: int, sample: Callable[[], np.ndarray],
         raise RetrievalError(f"index.kind: expected 'flat', 'hnsw' or 'ivfpq', got {cfg.kind!r}")
     for x in chunks():
         index.add(x)
+    if cfg.window_words:  # one vector per window (retrieval/windows.py)
+        params.update(window_words=cfg.window_words, window_stride=cfg.window_stride, vectors=n)
     meta = IndexMeta(
-        kind=cfg.kind, dim=dim, metric=METRIC, n_passages=n, corpus_sha256=corpus_sha256,
+        kind=cfg.kind, dim=dim, metric=METRIC, n_passages=len(set(ids)),
+        corpus_sha256=corpus_sha256,
         encoder_fingerprint=encoder_fingerprint, index_sha256="",
         faiss_version=faiss.__version__, params=params,
     )
@@ -413,36 +412,39 @@ def load_index(
     ids = _read_json(in_dir / IDS_FILE)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise IndexFileError(f"{in_dir / IDS_FILE}: expected a JSON list of strings")
-    if len(ids) != index.ntotal or index.ntotal != meta.n_passages:
+    if len(ids) != index.ntotal or len(set(ids)) != meta.n_passages:
         raise IndexFileError(
-            f"{in_dir / IDS_FILE}: {len(ids)} passage ids, but {INDEX_FILE} holds {index.ntotal} "
-            f"vectors and {META_FILE} says {meta.n_passages}; rebuild the index"
-        )
+            f"{in_dir / IDS_FILE}: {len(ids)} ids of {len(set(ids))} passages, but {INDEX_FILE} "
+            f"holds {index.ntotal} vectors and {META_FILE} says {meta.n_passages} passages; "
+            "rebuild the index")
     if index.d != meta.dim:
-        raise IndexFileError(
-            f"{index_path}: dimension {index.d}, but {META_FILE} says {meta.dim}; rebuild the index"
-        )
-    if len(set(ids)) != len(ids):
+        raise IndexFileError(f"{index_path}: dimension {index.d}, but {META_FILE} says "
+                             f"{meta.dim}; rebuild the index")
+    if len(set(ids)) != len(ids) and not meta.params.get("window_words"):
         raise IndexFileError(f"{in_dir / IDS_FILE}: duplicate passage ids; rebuild the index")
     return _place(DenseIndex(index=index, passage_ids=ids, meta=meta), device)
 
 
 def search(idx: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-    """Top-k passages per query: scores ``# (n_queries, k)`` and ids, best first.
-
-    An approximate index (IVF) can find fewer than k passages for a query; the id list is then
-    shorter and the missing scores are ``-inf``.
-    """
+    """Top-k passages per query: scores ``# (n_queries, k)`` and ids, best first; an index of
+    windows scores a passage by its best window. An approximate index (IVF) can find fewer than
+    k passages for a query: the id list is then shorter and the missing scores ``-inf``."""
     q = validate_embeddings(queries, "query embeddings")  # (n_queries, dim)
     if q.shape[1] != idx.meta.dim:
         raise RetrievalError(
             f"query embeddings have dimension {q.shape[1]}, but the index has dimension "
             f"{idx.meta.dim}; encode queries with the encoder that built the index"
         )
-    n = len(idx.passage_ids)
-    k = check_int("k", k, hi=n, unit="passages")
-    use_gpu = idx.gpu_index is not None and k <= GPU_MAX_K
-    scores, rows = (idx.gpu_index if use_gpu else idx.index).search(q, k)  # (n_queries, k)
-    scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-    ids = [[idx.passage_ids[r] for r in row if r >= 0] for row in rows.tolist()]
-    return scores, ids
+    k = check_int("k", k, hi=idx.meta.n_passages, unit="passages")
+
+    def vectors(m: int) -> tuple[np.ndarray, list[list[str]]]:
+        use_gpu = idx.gpu_index is not None and m <= GPU_MAX_K
+        scores, rows = (idx.gpu_index if use_gpu else idx.index).search(q, m)  # (n_queries, m)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+        return scores, [[idx.passage_ids[r] for r in row if r >= 0] for row in rows.tolist()]
+
+    if not idx.meta.params.get("window_words"):
+        return vectors(k)
+    from ragtrain.retrieval.windows import search_passages
+
+    return search_passages(vectors, k, len(idx.passage_ids))

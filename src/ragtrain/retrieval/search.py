@@ -52,7 +52,7 @@ class Retriever:
     @property
     def n_passages(self) -> int:
         if self.index is not None:
-            return len(self.index.passage_ids)
+            return self.index.meta.n_passages  # an index of windows holds more vectors
         assert self.bm25 is not None
         return len(self.bm25.passage_ids)
 
