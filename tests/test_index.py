@@ -22,7 +22,7 @@ PASSAGES = {
     "p-fish": "fish swim",
     "p-tree": "a tall tree",
 }
-CPU = IndexConfig(kind="flat", device="cpu")
+CPU = IndexConfig(kind="flat", device="cpu", window_words=0)  # one vector per passage
 
 
 @pytest.fixture(autouse=True)

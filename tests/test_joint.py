@@ -136,7 +136,9 @@ def test_no_cosine_term_leaves_the_marginal_alone(tiny_bert_dir: Path) -> None:
 # ----------------------------------------------------------------- the stage
 
 
-JOINT_PARAMS = """joint:
+JOINT_PARAMS = """index:
+  window_words: 0  # the joint stage scores one vector per passage
+joint:
   enabled: true
   top_k: 2
   batch_size: 2
@@ -200,6 +202,7 @@ def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
     """Stretch: the passage tower trains too (RAG-Token here), the corpus re-encoded every 2
     steps; a crash after the refresh resumes with the refreshed embeddings it had."""
     cfg = load_config(Path("params.yaml"), {
+        "index.window_words": 0,
         "joint": {"enabled": True, "top_k": 2, "batch_size": 2, "max_steps": 4,
                   "checkpoint_every": 1, "precision": "fp32", "dev_questions": 0,
                   "eval_batch_size": 4, "marginal": "token", "train_passages": True,

@@ -72,10 +72,10 @@ def test_search_over_windows_is_maxp_by_hand(k: int) -> None:
     rng = np.random.default_rng(0)
     w, owners = windowed(rng, 40, 16)
     q = rng.standard_normal((25, 16)).astype(np.float32)
-    idx = ix.build_index(w, owners, IndexConfig(kind="flat", device="cpu", window_words=8),
-                         corpus_sha256="c" * 64, encoder_fingerprint="e" * 64)
+    cfg = IndexConfig(kind="flat", device="cpu", window_words=8, window_stride=0)
+    idx = ix.build_index(w, owners, cfg, corpus_sha256="c" * 64, encoder_fingerprint="e" * 64)
     assert idx.meta.n_passages == 40 and idx.index.ntotal == len(owners)
-    assert idx.meta.params == {"window_words": 8, "window_stride": 0, "vectors": len(owners)}
+    assert idx.meta.params == {"window_words": 8, "window_stride": 4, "vectors": len(owners)}
     scores, ids = ix.search(idx, q, k)
     assert ids == maxp_by_hand(q, w, owners, k)  # k = 40: every passage, searched to the end
     assert scores.shape == (25, k) and np.all(np.diff(scores, axis=1) <= 0)
@@ -110,8 +110,8 @@ def test_windows_index_round_trip_and_checks(tmp_path: Path) -> None:
         ix.build_index(w, ["p0", *owners[1:-1], "p0"], cfg, corpus_sha256="",
                        encoder_fingerprint="")
     with pytest.raises(RetrievalError, match="duplicate passage id"):
-        ix.build_index(w, owners, IndexConfig(kind="flat", device="cpu"), corpus_sha256="",
-                       encoder_fingerprint="")
+        ix.build_index(w, owners, IndexConfig(kind="flat", device="cpu", window_words=0),
+                       corpus_sha256="", encoder_fingerprint="")
     meta = json.loads((tmp_path / "i/meta.json").read_text())
     meta["params"] = {}  # the ids repeat, but the meta says one vector per passage
     (tmp_path / "i/meta.json").write_text(json.dumps(meta))

@@ -61,7 +61,7 @@ class DataConfig:
 class HybridConfig:
     fusion: Literal["rrf", "weighted"] = "weighted"
     rrf_k: int = _f(60, ge=1)
-    dense_weight: float = _f(0.4, ge=0, le=1)  # weighted fusion: w*dense + (1-w)*bm25 (min-max)
+    dense_weight: float = _f(0.6, ge=0, le=1)  # weighted fusion: w*dense + (1-w)*bm25 (min-max)
     depth: int = _f(100, ge=1)  # candidates taken from each retriever before fusion
 
 
@@ -170,7 +170,7 @@ class IndexConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu where it sees a GPU
     mmap: bool = False  # search the saved index from disk (memory-mapped): indexes past RAM
     # passages as windows of this many words, a vector each, scored by the best (MaxP: see
-    window_words: int = _f(0, ge=0)  # retrieval/windows.py); 0 = one vector per passage
+    window_words: int = _f(24, ge=0)  # retrieval/windows.py); 0 = one vector per passage
     window_stride: int = _f(0, ge=0)  # words between window starts; 0 = window_words // 2
 
     def __post_init__(self) -> None:

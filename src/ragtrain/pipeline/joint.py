@@ -116,10 +116,10 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
         out: dict[str, float] = {}
         if hybrid is not None:
             if rag.passages.index is None:  # refreshed embeddings: fused with BM25 too
-                hybrid.index = build_index(
+                hybrid.index = build_index(  # one vector per passage
                     rag.passages.emb.numpy(), rag.passages.ids,
-                    IndexConfig(kind="flat", device="cpu"), corpus_sha256=corpus_sha,
-                    encoder_fingerprint="")
+                    IndexConfig(kind="flat", device="cpu", window_words=0),
+                    corpus_sha256=corpus_sha, encoder_fingerprint="")
             hybrid.encoder = BiEncoder(rag.model.query, retriever.passage, retriever.tokenizer,
                                        retriever.spec)
         for s, rows in (("dev", dev), (split, test)):

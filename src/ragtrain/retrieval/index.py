@@ -52,6 +52,7 @@ from ragtrain.errors import IndexFileError, IndexMismatchError, RetrievalError
 from ragtrain.io import atomic_path, atomic_write_json, sha256_file
 from ragtrain.retrieval.checks import check_int
 from ragtrain.retrieval.embedding_file import EmbeddingFile
+from ragtrain.retrieval.windows import search_passages, stride_of
 
 if TYPE_CHECKING:
     import torch
@@ -320,7 +321,8 @@ def _build(n: int, dim: int, sample: Callable[[], np.ndarray],
     for x in chunks():
         index.add(x)
     if cfg.window_words:  # one vector per window (retrieval/windows.py)
-        params.update(window_words=cfg.window_words, window_stride=cfg.window_stride, vectors=n)
+        params.update(window_words=cfg.window_words, vectors=n,
+                      window_stride=stride_of(cfg.window_words, cfg.window_stride))
     meta = IndexMeta(
         kind=cfg.kind, dim=dim, metric=METRIC, n_passages=len(set(ids)),
         corpus_sha256=corpus_sha256,
@@ -445,6 +447,4 @@ def search(idx: DenseIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, li
 
     if not idx.meta.params.get("window_words"):
         return vectors(k)
-    from ragtrain.retrieval.windows import search_passages
-
     return search_passages(vectors, k, len(idx.passage_ids))

@@ -15,11 +15,17 @@ for ``k`` distinct passages (``search_passages``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ragtrain.data.corpus import Passage
-from ragtrain.retrieval.encoder import passage_input
+if TYPE_CHECKING:  # index.py imports this module: it stays free of torch
+    from ragtrain.data.corpus import Passage
+
+
+def stride_of(words: int, stride: int) -> int:
+    """The step between window starts: ``stride``, or 0 for half a window (at least 1)."""
+    return stride or max(1, words // 2)
 
 
 def window_starts(n_words: int, words: int, stride: int) -> list[int]:
@@ -35,6 +41,8 @@ def passage_windows(passages: Iterable[Passage], words: int,
                     stride: int) -> tuple[list[str], list[str]]:
     """The encoder inputs of every passage's windows, in passage order, and the id of the
     passage each belongs to. ``words`` 0: one input per passage (``passage_input``)."""
+    from ragtrain.retrieval.encoder import passage_input
+
     texts: list[str] = []
     owners: list[str] = []
     for p in passages:
@@ -43,7 +51,7 @@ def passage_windows(passages: Iterable[Passage], words: int,
             owners.append(p.passage_id)
             continue
         tokens = p.text.split()
-        for start in window_starts(len(tokens), words, stride or max(1, words // 2)):
+        for start in window_starts(len(tokens), words, stride_of(words, stride)):
             texts.append(passage_input(p.title, " ".join(tokens[start:start + words])))
             owners.append(p.passage_id)
     return texts, owners
