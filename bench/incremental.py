@@ -31,8 +31,9 @@ from ragtrain.io import read_jsonl
 from ragtrain.pipeline.paths import Paths
 from ragtrain.pipeline.retrieval import embedding_cache, run_build_index
 from ragtrain.retrieval.embedding_cache import passage_key
-from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+from ragtrain.retrieval.encoder import BiEncoder
 from ragtrain.retrieval.index import load_index, search
+from ragtrain.retrieval.windows import passage_windows
 
 
 def timed_build(cfg, paths: Paths) -> float:  # noqa: ANN001
@@ -49,13 +50,14 @@ def seed_cache(cfg, paths: Paths, root: Path, corpus: Corpus) -> bool:  # noqa: 
         return False
     meta = json.loads(meta_file.read_text())
     fp = model.fingerprint()
-    if meta["encoder_fingerprint"] != fp or meta["passage_ids"] != corpus.ids:
+    texts, owners = passage_windows(corpus.passages, cfg.index.window_words,
+                                    cfg.index.window_stride)  # what build-index encodes
+    if meta["encoder_fingerprint"] != fp or meta["passage_ids"] != owners:
         return False
     emb = np.load(root / "artifacts" / "embeddings" / "embeddings.npy")
     cache = embedding_cache(paths, fp, model.spec.pooling,
                             "bf16" if runtime.use_bf16(cfg.retriever.precision) else "fp32")
-    cache.save([passage_key(t, model.spec.passage_max_length)
-                for t in passage_inputs(corpus.passages)], emb)
+    cache.save([passage_key(t, model.spec.passage_max_length) for t in texts], emb)
     return True
 
 
@@ -112,7 +114,7 @@ def main() -> int:
     print(f"incremental build_index: {t_incr:6.1f} s  ({n_edit} passages encoded)")
     print(f"full rebuild:            {t_full:6.1f} s  ({len(rows)} passages encoded)")
     print(f"speed-up: {t_full / t_incr:.1f}x (target >= 20x)")
-    print(f"embeddings: {equal_rows} of {len(rows)} rows bit-equal, max |diff| "
+    print(f"embeddings: {equal_rows} of {len(full_emb)} rows bit-equal, max |diff| "
           f"{float(np.abs(incr_emb - full_emb).max()):.2e}")
     print(f"search, {len(questions)} test questions: top-{args.k} lists identical "
           f"{same_k}/{len(questions)}, same top-{args.k} sets {same_set}, same top-1 {same_1}")
