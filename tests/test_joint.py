@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -133,12 +134,68 @@ def test_no_cosine_term_leaves_the_marginal_alone(tiny_bert_dir: Path) -> None:
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in retriever.parameters())
 
 
+def test_fixed_passages_score_each_passage_by_its_best_window(tmp_path: Path) -> None:
+    """With windows (a passage's id on several rows) the top-k are k distinct passages ranked by
+    their best row, each given by that row; the index path and the exact path agree."""
+    from ragtrain.config import IndexConfig
+    from ragtrain.retrieval.index import build_index
+
+    rng = np.random.default_rng(0)
+    ids = ["a", "a", "b", "c", "c", "c", "d"]
+    emb = rng.standard_normal((7, 8)).astype(np.float32)
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    idx = build_index(emb, ids, IndexConfig(kind="flat", device="cpu", window_words=4),
+                      corpus_sha256="", encoder_fingerprint="")
+    for index in (None, idx):
+        fixed = FixedPassages(ids, torch.from_numpy(emb), index)
+        assert fixed.n_passages == 4
+        for k in (1, 2, 4):
+            rows = fixed.top(q, k)
+            for qi, row in zip(q, rows, strict=True):  # brute force MaxP
+                scores = emb @ qi
+                best = {pid: max(range(7), key=lambda j, pid=pid: scores[j] if ids[j] == pid
+                                 else -np.inf) for pid in set(ids)}
+                want = sorted(best, key=lambda pid: -scores[best[pid]])[:k]
+                assert row == [best[pid] for pid in want]
+    with pytest.raises(ValueError, match="'a': its rows are not one run"):
+        FixedPassages(["a", "b", "a"], torch.zeros(3, 2))
+
+
+def test_windows_repeating_a_passage_vector_change_nothing(tiny_bert_dir: Path) -> None:
+    """Each passage's vector on three rows (three identical windows): the same retrieval, the
+    same joint loss, the same gradient as one row each; and the distinct passages are what the
+    generator reads."""
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+
+    torch.manual_seed(0)
+    retriever = BiEncoder.from_pretrained(EncoderSpec(str(tiny_bert_dir)))
+    emb = torch.from_numpy(retriever.encode_passages(passage_inputs(PASSAGES)))
+    ids = [p.passage_id for p in PASSAGES]
+    gen = _generator(tiny_bert_dir)
+    gen.model.eval()
+    cfg = JointConfig(top_k=2, cosine_weight=0.5)
+    out = []
+    for fixed in (FixedPassages(ids, emb),
+                  FixedPassages([i for i in ids for _ in range(3)], emb.repeat_interleave(3, 0))):
+        rag = JointRAG(copy.deepcopy(retriever.query_tower), retriever.tokenizer, 32, gen,
+                       fixed, {p.passage_id: p for p in PASSAGES}, cfg)
+        gen.model.zero_grad()
+        loss = rag.loss(ROWS)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in rag.model.query.parameters()
+                          if p.grad is not None])
+        ranked = rag.retrieve([r["question"] for r in ROWS], 3)
+        assert all(sorted(r) == sorted(ids) for r in ranked)  # each passage once
+        out.append((loss.item(), grad, ranked))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    assert torch.allclose(out[1][1], out[0][1], atol=1e-6)
+    assert out[1][2] == out[0][2]
+
+
 # ----------------------------------------------------------------- the stage
 
 
-JOINT_PARAMS = """index:
-  window_words: 0  # the joint stage scores one vector per passage
-joint:
+JOINT_PARAMS = """joint:
   enabled: true
   top_k: 2
   batch_size: 2
@@ -150,9 +207,22 @@ joint:
 """
 
 
+def _windows(project: Path, words: int) -> None:
+    """Passages as windows of ``words`` words (0: one vector each), the stages before the joint
+    one rerun over them (the tiny passages fit one default window)."""
+    from ragtrain.config import set_params
+
+    set_params(project / "params.yaml", {"index.window_words": words,
+                                         "index.window_stride": words // 2})
+    for stage in ("build-index", "retrieve", "evaluate"):
+        assert cli.main([stage]) == 0, stage
+
+
+@pytest.mark.parametrize("window_words", [0, 6])
 def test_joint_stage_trains_evaluates_and_resumes_to_the_same_weights(
-        tiny_rag_project: Path) -> None:
+        tiny_rag_project: Path, window_words: int) -> None:
     p = tiny_rag_project
+    _windows(p, window_words)
     (p / "params.yaml").write_text((p / "params.yaml").read_text() + JOINT_PARAMS)
     assert cli.main(["train-rag"]) == 0
     out = p / "artifacts/rag_joint"
@@ -200,9 +270,10 @@ def test_joint_stage_trains_evaluates_and_resumes_to_the_same_weights(
 def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
         tiny_rag_project: Path) -> None:
     """Stretch: the passage tower trains too (RAG-Token here), the corpus re-encoded every 2
-    steps; a crash after the refresh resumes with the refreshed embeddings it had."""
+    steps (each passage's windows); a crash after the refresh resumes with the refreshed
+    embeddings it had."""
+    _windows(tiny_rag_project, 6)
     cfg = load_config(Path("params.yaml"), {
-        "index.window_words": 0,
         "joint": {"enabled": True, "top_k": 2, "batch_size": 2, "max_steps": 4,
                   "checkpoint_every": 1, "precision": "fp32", "dev_questions": 0,
                   "eval_batch_size": 4, "marginal": "token", "train_passages": True,

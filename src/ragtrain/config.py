@@ -331,9 +331,6 @@ class Config:
         if self.retriever.loss == "distill" and self.retriever.hard_negatives_per_query < 1:
             raise ConfigError("retriever.hard_negatives_per_query: loss distill needs >= 1 "
                               "teacher-scored negative per question, got 0")
-        if self.joint.enabled and self.index.window_words:
-            raise ConfigError("index.window_words: the joint stage scores one vector per "
-                              "passage; set it to 0 with joint.enabled: true")
 
 
 def _yaml():

@@ -3,7 +3,8 @@ gradient reaching the query encoder through the passage scores (Lewis et al. 202
 
 For each question the trainable query encoder embeds it, the fixed index gives its top-k
 passages, ``p(z|x) = softmax(e_q · e_z / temperature)`` over them with the fixed passage
-embeddings (``artifacts/embeddings``), and the generator reads each passage alone
+embeddings (``artifacts/embeddings``; with ``index.window_words``, ``e_z`` is the passage's
+best-scoring window, as the index scores it), and the generator reads each whole passage alone
 (``Generator.passage_log_probs``); the loss is RAG-Sequence or RAG-Token (``marginal.py``), plus
 an optional ``1 - cos(e_q, e_gold)`` term. The passage encoder and index stay fixed, as in the
 RAG paper; the query encoder and the generator train, in one module (``JointModel``) so the
@@ -31,6 +32,7 @@ from ragtrain.generation.generator import Example, Generator, Prediction
 from ragtrain.generation.marginal import get_marginal
 from ragtrain.retrieval.encoder import Tower, encode
 from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.windows import search_passages
 from ragtrain.trainer import LoopConfig, TrainState, build_optimizer, train_loop
 
 
@@ -50,10 +52,28 @@ class JointModel(nn.Module):
         self.passage = passage  # index refresh only: the passage tower trains too
 
 
+def top_passages(q: torch.Tensor, emb: torch.Tensor, ids: Sequence[str], k: int
+                 ) -> list[list[str]]:
+    """Each query's top-k passage ids by exact inner products # (B, k), best first; with
+    windows (an id on several rows) a passage scores by its best row (``windows.py``)."""
+    if len(set(ids)) == len(ids):
+        return [[ids[j] for j in row] for row in exact_top(q, emb, k)]
+    scores = q.float() @ emb.T  # (B, n_vectors)
+
+    def vectors(m: int) -> tuple[np.ndarray, list[list[str]]]:
+        s, rows = torch.topk(scores, m, dim=1)
+        return s.numpy(), [[ids[j] for j in row] for row in rows.tolist()]
+
+    return search_passages(vectors, k, len(ids))[1]
+
+
 @dataclass
 class FixedPassages:
-    """The frozen passage side: embeddings # (n, D) as build_index wrote them, their ids, and
-    the index searched with them (``None``: exact inner-product search over ``emb``)."""
+    """The frozen passage side: the vectors # (n, D) as build_index wrote them (one per passage,
+    or one per window of each: ``index.window_words``), the passage id of each row (a passage's
+    windows in one run), and the index searched with them (``None``: exact search over ``emb``).
+    A passage scores by its best window (MaxP), so the rows of the top-k are each passage's best.
+    """
 
     ids: list[str]
     emb: torch.Tensor  # (n, D) float32, no gradient
@@ -61,17 +81,40 @@ class FixedPassages:
 
     def __post_init__(self) -> None:
         self.emb = self.emb.detach().float()
-        self.row = {pid: i for i, pid in enumerate(self.ids)}
+        self.spans: dict[str, tuple[int, int]] = {}  # passage id -> its rows [start, end)
+        for i, pid in enumerate(self.ids):
+            start, end = self.spans.get(pid, (i, i))
+            if end != i:
+                raise ValueError(f"passage {pid!r}: its rows are not one run")
+            self.spans[pid] = (start, i + 1)
+
+    @property
+    def n_passages(self) -> int:
+        return len(self.spans)
+
+    def best_rows(self, q: torch.Tensor, pids: Sequence[Sequence[str]]) -> list[list[int]]:
+        """The row of each query's passages that scores best with it (its only row, without
+        windows) # (B, k)."""
+        out = []
+        for qi, row in zip(q.detach().float(), pids, strict=True):
+            picked = []
+            for pid in row:
+                a, b = self.spans[pid]
+                picked.append(a if b - a == 1 else a + int(torch.argmax(self.emb[a:b] @ qi)))
+            out.append(picked)
+        return out
 
     def top(self, q: np.ndarray, k: int) -> list[list[int]]:
-        """Rows of the top-k passages of each query # (B, k), best first."""
+        """Rows of the top-k passages of each query # (B, k), best first (k distinct
+        passages, each by its best window)."""
         if self.index is not None:
             from ragtrain.retrieval.index import search
 
             _, ids = search(self.index, q, k)
             if all(len(row) == k for row in ids):  # IVF may find fewer: then search exactly
-                return [[self.row[p] for p in row] for row in ids]
-        return exact_top(torch.from_numpy(q), self.emb, k)
+                return self.best_rows(torch.from_numpy(q), ids)
+        qt = torch.from_numpy(q)
+        return self.best_rows(qt, top_passages(qt, self.emb, self.ids, k))
 
 
 class JointRAG:
@@ -103,7 +146,7 @@ class JointRAG:
     def loss(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         """The joint loss of a batch of questions (each with ``answers``)."""
         q = self.query_embeddings([r["question"] for r in rows])  # (B, D)
-        k = min(self.cfg.top_k, len(self.passages.ids))
+        k = min(self.cfg.top_k, self.passages.n_passages)
         top = self.passages.top(q.detach().float().cpu().numpy(), k)  # (B, k) rows
         if self.model.passage is None:
             p = self.passages.emb[torch.tensor(top)].to(q.device)  # (B, k, D), fixed
@@ -123,12 +166,14 @@ class JointRAG:
         return loss
 
     def cosine_term(self, q: torch.Tensor, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        """Mean ``1 - cos(e_q, e_gold)`` over the questions that have a gold passage."""
-        pairs = [(i, self.passages.row[g[0]]) for i, r in enumerate(rows)
-                 if (g := r.get("gold_passage_ids")) and g[0] in self.passages.row]
+        """Mean ``1 - cos(e_q, e_gold)`` over the questions that have a gold passage (its
+        best window, with windows)."""
+        pairs = [(i, g[0]) for i, r in enumerate(rows)
+                 if (g := r.get("gold_passage_ids")) and g[0] in self.passages.spans]
         if not pairs:
             return q.sum() * 0.0
-        qi, gi = zip(*pairs, strict=True)
+        qi, gold = zip(*pairs, strict=True)
+        gi = [row[0] for row in self.passages.best_rows(q[list(qi)], [[g] for g in gold])]
         cos = F.cosine_similarity(q[list(qi)].float(),
                                   self.passages.emb[list(gi)].to(q.device), dim=-1)
         return (1 - cos).mean()
@@ -138,9 +183,8 @@ class JointRAG:
         """Exact top-k passage ids of each question with the current query tower."""
         q = encode(self.model.query, self.tokenizer, list(questions), self.query_max_length,
                    batch_size)
-        ids = self.passages.ids
-        return [[ids[j] for j in row] for row in
-                exact_top(torch.from_numpy(q), self.passages.emb, min(k, len(ids)))]
+        return top_passages(torch.from_numpy(q), self.passages.emb, self.passages.ids,
+                            min(k, self.passages.n_passages))
 
     def answer(self, rows: Sequence[Mapping[str, Any]], *, n_passages: int = 1,
                batch_size: int = 32, bf16: bool = False,

@@ -1,7 +1,8 @@
 """Index refresh for joint RAG training (rag-end2end / Atlas style, opt-in).
 
 When the passage encoder trains too, the passage embeddings the top-k search uses go stale; every
-``every`` optimizer steps the corpus is re-encoded with the current passage tower. Each refresh
+``every`` optimizer steps the corpus (each passage, or each window of it) is re-encoded with the
+current passage tower. Each refresh
 logs its staleness (dev recall@k of the current query encoder against the stale embeddings and
 against the refreshed ones) and its cost in seconds.
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ragtrain import distributed, runtime
-from ragtrain.generation.joint import JointRAG, exact_top
+from ragtrain.generation.joint import JointRAG, top_passages
 from ragtrain.retrieval.encoder import encode
 
 
@@ -69,9 +70,9 @@ class IndexRefresh:
             q = encode(self.rag.model.query, self.rag.tokenizer,
                        [r["question"] for r in self.dev], self.rag.query_max_length,
                        self.batch_size)
-        ids = self.rag.passages.ids
-        top = exact_top(torch.from_numpy(q), emb, min(self.k, len(ids)))
-        return sum(any(ids[j] in r["gold_passage_ids"] for j in row)
+        fixed = self.rag.passages
+        top = top_passages(torch.from_numpy(q), emb, fixed.ids, min(self.k, fixed.n_passages))
+        return sum(any(pid in r["gold_passage_ids"] for pid in row)
                    for r, row in zip(self.dev, top, strict=True)) / len(self.dev)
 
     def __call__(self, step: int) -> None:

@@ -70,9 +70,10 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
     from ragtrain.generation.joint import FixedPassages, JointRAG, evaluate_joint, train_joint
     from ragtrain.generation.joint_refresh import IndexRefresh, encode_corpus
     from ragtrain.pipeline.history import TrainingRecord
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, Tower, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, Tower
     from ragtrain.retrieval.index import build_index, load_index
     from ragtrain.retrieval.search import Retriever
+    from ragtrain.retrieval.windows import passage_windows
     from ragtrain.trainer import prepare_ckpt_dir, seed_everything
 
     if (paths.generator / DISABLED_FILE).exists():
@@ -95,11 +96,22 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
                        expect_corpus_sha256=corpus_sha, device=cfg.index.device,
                        mmap=cfg.index.mmap)
 
+    # the rows of the embeddings: a passage each, or its windows (index.window_words), as
+    # build-index encoded them; their texts are what a trained passage tower re-encodes
+    windows = IndexConfig(kind="flat", device="cpu",
+                          window_words=index.meta.params.get("window_words", 0),
+                          window_stride=index.meta.params.get("window_stride", 0))
+    texts, owners = passage_windows(corpus.passages, windows.window_words, windows.window_stride)
+    if owners != meta["passage_ids"]:
+        raise RagtrainError(f"{paths.embeddings}: its rows are not the corpus's passages or "
+                            f"windows as {paths.index} holds them; rerun `ragtrain build-index`")
+    n_passages = index.meta.n_passages
+
     def rag_of(query: Tower, gen: Generator, passage: Tower | None = None) -> JointRAG:
         return JointRAG(query, retriever.tokenizer, retriever.spec.query_max_length, gen,
                         FixedPassages(meta["passage_ids"], emb, index), corpus, jc,
                         passage=passage, passage_max_length=retriever.spec.passage_max_length,
-                        passage_texts=passage_inputs([corpus[i] for i in meta["passage_ids"]]))
+                        passage_texts=texts)
 
     bf16 = runtime.use_bf16(jc.precision)
     ks, cutoff = sorted({1, 5, *cfg.evaluation.recall_ks}), cfg.evaluation.rank_cutoff
@@ -116,9 +128,8 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
         out: dict[str, float] = {}
         if hybrid is not None:
             if rag.passages.index is None:  # refreshed embeddings: fused with BM25 too
-                hybrid.index = build_index(  # one vector per passage
-                    rag.passages.emb.numpy(), rag.passages.ids,
-                    IndexConfig(kind="flat", device="cpu", window_words=0),
+                hybrid.index = build_index(  # the same rows: passages or windows
+                    rag.passages.emb.numpy(), rag.passages.ids, windows,
                     corpus_sha256=corpus_sha, encoder_fingerprint="")
             hybrid.encoder = BiEncoder(rag.model.query, retriever.passage, retriever.tokenizer,
                                        retriever.spec)
@@ -131,7 +142,7 @@ def run_train_rag(cfg: Config, paths: Paths, *, resume: bool = True,
             out.update({f"{s}/{name}/{k.split('/', 1)[1]}": v for k, v in m.items()})
             if hybrid is not None:
                 ranked = hybrid.search_all([r["question"] for r in rows],
-                                           min(max(*ks, cutoff), len(emb)))["hybrid"][1]
+                                           min(max(*ks, cutoff), n_passages))["hybrid"][1]
                 m = evaluate_joint(rag, rows, **kw, ranked=ranked,
                                    n_passages=cfg.retriever.top_k)
                 out.update({f"{s}/{name}_hybrid/{k.split('/', 1)[1]}": v for k, v in m.items()})
