@@ -58,7 +58,8 @@ def top_passages(q: torch.Tensor, emb: torch.Tensor, ids: Sequence[str], k: int
     windows (an id on several rows) a passage scores by its best row (``windows.py``)."""
     if len(set(ids)) == len(ids):
         return [[ids[j] for j in row] for row in exact_top(q, emb, k)]
-    scores = q.float() @ emb.T  # (B, n_vectors)
+    with torch.autocast("cpu", enabled=False):  # fp32 scores under a bf16 evaluation too
+        scores = q.float() @ emb.T  # (B, n_vectors)
 
     def vectors(m: int) -> tuple[np.ndarray, list[list[str]]]:
         s, rows = torch.topk(scores, m, dim=1)
