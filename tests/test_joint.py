@@ -207,6 +207,7 @@ JOINT_PARAMS = """joint:
   precision: fp32
   dev_questions: 0
   eval_batch_size: 4
+  eval_at_start: false  # the trained weights, whatever dev says of the starting pair
 """
 
 
@@ -280,7 +281,7 @@ def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
         "joint": {"enabled": True, "top_k": 2, "batch_size": 2, "max_steps": 4,
                   "checkpoint_every": 1, "precision": "fp32", "dev_questions": 0,
                   "eval_batch_size": 4, "marginal": "token", "train_passages": True,
-                  "refresh_every": 2}})
+                  "refresh_every": 2, "eval_at_start": False}})
     paths = Paths()
     logs: list[tuple[int, dict]] = []
     m = run_train_rag(cfg, paths, resume=False, progress=False,
@@ -307,6 +308,25 @@ def test_index_refresh_logs_staleness_and_resumes_to_the_same_weights(
     for f, w in want.items():
         got = load_file(str(out / f))
         assert all((got[k] == w[k]).all() for k in w), f
+
+
+def test_the_pipeline_pair_is_a_dev_candidate(tiny_rag_project: Path) -> None:
+    """joint.eval_at_start (the default): the pipeline-trained pair is evaluated on dev before
+    the first step and is what the stage saves when no trained step beats its dev F1."""
+    logs: list[tuple[int, dict]] = []
+    cfg = load_config(Path("params.yaml"), {"joint": {
+        "enabled": True, "top_k": 2, "batch_size": 2, "max_steps": 2, "eval_every": 1,
+        "precision": "fp32", "dev_questions": 0, "eval_batch_size": 4}})
+    m = run_train_rag(cfg, Paths(), resume=False, progress=False,
+                      on_step=lambda s, x: logs.append((s, dict(x))))
+    dev = [(s, x["dev/f1"]) for s, x in logs if "dev/f1" in x]
+    assert [s for s, _ in dev] == [0, 1, 2]
+    best = max(dev, key=lambda d: d[1])  # the first of equals
+    assert m["dev/best_step"] == best[0] and m["dev/f1"] == pytest.approx(best[1])
+    pipe = load_file(str(tiny_rag_project / "artifacts/retriever/query/model.safetensors"))
+    saved = load_file(str(tiny_rag_project / "artifacts/rag_joint/retriever/query/"
+                          "model.safetensors"))
+    assert all((pipe[k] == v).all() for k, v in saved.items()) is (best[0] == 0)
 
 
 def test_disabled_stage_writes_its_marker_only(tmp_path: Path) -> None:

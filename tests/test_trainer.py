@@ -1,4 +1,5 @@
-"""The shared training loop: precision choice, fp16 loss scaling, resume with the scaler state."""
+"""The shared training loop: precision choice, fp16 loss scaling, resume with the scaler state,
+the starting weights as a dev candidate."""
 
 from __future__ import annotations
 
@@ -91,6 +92,36 @@ def test_a_resumed_run_keeps_the_whole_per_step_log(tmp_path: Path) -> None:
     assert len(after_resume) == 6  # steps 7-12 were trained (and reported) again
     assert [h["step"] for h in resumed[0].steps] == list(range(1, 13))
     assert resumed[0].steps == full[0].steps
+
+
+@pytest.mark.parametrize("start_is_best", [True, False])
+def test_eval_at_start_keeps_the_starting_weights_unless_training_beats_them(
+        tmp_path: Path, start_is_best: bool) -> None:
+    """With ``eval_at_start`` the weights training starts from are evaluated first: the model
+    ends holding them when no later evaluation beats them on the dev metric (the joint stage
+    never ends below the pipeline pair it started from), else the best trained ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = _problem()
+    seen: list[int] = []
+
+    def loss_fn(micro: int) -> tuple[torch.Tensor, int]:
+        return ((model(x) - y) ** 2).mean(), len(x)
+
+    def evaluate() -> dict[str, float]:
+        seen.append(len(seen))
+        dev = -float(((model(x) - y) ** 2).mean())  # higher is better
+        return {"dev/score": dev + (100.0 if start_is_best and len(seen) == 1 else 0.0)}
+
+    loop = LoopConfig(total_steps=4, lr=0.05, warmup_ratio=0.0, eval_every=2, progress=False,
+                      eval_at_start=True)
+    state = train_loop(model, loss_fn, loop, ckpt_dir=tmp_path, signature="t", resume=False,
+                       evaluate=evaluate, select_metric="dev/score")
+    assert [h["step"] for h in state.history] == [0, 2, 4]
+    assert state.best_step == (0 if start_is_best else 4)
+    kept = all(torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))
+    assert kept is start_is_best
 
 
 def test_bert_encoders_train_with_eager_attention_and_infer_with_sdpa(tiny_bert_dir: Path

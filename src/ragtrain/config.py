@@ -258,6 +258,7 @@ class JointConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     eval_every: int = _f(0, ge=0)  # steps between dev evaluations (best on dev F1); 0 = end
     dev_questions: int = _f(300, ge=0)  # dev questions answered per evaluation; 0 = all
+    eval_at_start: bool = True  # the pipeline pair is a dev candidate, kept if no step beats it
     checkpoint_every: int = _f(50, ge=1)
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(32, ge=1)

@@ -51,6 +51,7 @@ class LoopConfig:
     grad_accum_steps: int = 1
     checkpoint_every: int = 50
     eval_every: int = 0  # 0 = only at the end
+    eval_at_start: bool = False  # evaluate the starting weights too: kept if nothing beats them
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     seed: int = 0
     progress: bool = True
@@ -233,9 +234,23 @@ def train_loop(
             if loop.patience and state.evals_since_best >= loop.patience:
                 state.stopped_early = True
 
+    def eval_now() -> None:  # rank 0 evaluates; every rank gets its verdict (best, early stop)
+        if main:
+            set_training(model, False)
+            do_eval()
+            release_free_memory()  # what decoding left free (jemalloc keeps it otherwise)
+            set_training(model, True)
+        if ddp is not None:
+            (state.history, state.best_metric, state.best_step, state.evals_since_best,
+             state.stopped_early) = distributed.broadcast(
+                (state.history, state.best_metric, state.best_step, state.evals_since_best,
+                 state.stopped_early))
+
     bar = tqdm(total=loop.total_steps, initial=state.step, disable=not (loop.progress and main),
                desc="train", unit="step", dynamic_ncols=True)
     set_training(model, True)
+    if evaluate and loop.eval_at_start and state.step == 0:
+        eval_now()  # the starting weights are a candidate: training must beat them on dev
     while state.step < loop.total_steps and not state.stopped_early:
         opt.zero_grad(set_to_none=True)
         total, count = 0.0, 0
@@ -274,16 +289,7 @@ def train_loop(
         bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
         at_end = state.step == loop.total_steps
         if evaluate and ((loop.eval_every and state.step % loop.eval_every == 0) or at_end):
-            if main:
-                set_training(model, False)
-                do_eval()
-                release_free_memory()  # what decoding left free (jemalloc keeps it otherwise)
-                set_training(model, True)
-            if ddp is not None:  # rank 0's verdict (best, early stop) on every rank
-                (state.history, state.best_metric, state.best_step, state.evals_since_best,
-                 state.stopped_early) = distributed.broadcast(
-                    (state.history, state.best_metric, state.best_step, state.evals_since_best,
-                     state.stopped_early))
+            eval_now()
         if state.step % loop.checkpoint_every == 0 or at_end or state.stopped_early:
             if main:
                 save_checkpoint(last, model, opt, state, signature, scaler)

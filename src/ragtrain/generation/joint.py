@@ -238,7 +238,9 @@ def train_joint(
     refresh: Callable[[int], None] | None = None,
 ) -> TrainState:
     """Train the query tower and the generator together; they end holding the best dev-F1
-    weights (dev F1 of the generator reading the joint retriever's top passage). ``refresh``
+    weights (dev F1 of the generator reading the joint retriever's top passage); with
+    ``eval_at_start`` the starting (pipeline-trained) pair is a candidate, kept when no step
+    beats it. ``refresh``
     (index refresh) is called with the optimizer step before each micro-batch."""
     rows = [r for r in train_rows if r.get("answers")]
     bs = cfg.batch_size
@@ -275,7 +277,7 @@ def train_joint(
                       grad_accum_steps=cfg.grad_accum_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                       patience=cfg.early_stopping_patience, seed=seed, progress=progress,
-                      fp16=amp == torch.float16)
+                      fp16=amp == torch.float16, eval_at_start=cfg.eval_at_start)
     opt = build_optimizer(rag.model, cfg.retriever_lr, cfg.weight_decay,
                           {"generator.": cfg.generator_lr})
     return train_loop(rag.model, loss_fn, loop, ckpt_dir=ckpt_dir, signature=signature,
