@@ -323,6 +323,7 @@ def test_the_pipeline_pair_is_a_dev_candidate(tiny_rag_project: Path) -> None:
     assert [s for s, _ in dev] == [0, 1, 2]
     best = max(dev, key=lambda d: d[1])  # the first of equals
     assert m["dev/best_step"] == best[0] and m["dev/f1"] == pytest.approx(best[1])
+    assert m["dev/start/f1"] == pytest.approx(dev[0][1])  # the pipeline pair's, in the metrics
     pipe = load_file(str(tiny_rag_project / "artifacts/retriever/query/model.safetensors"))
     saved = load_file(str(tiny_rag_project / "artifacts/rag_joint/retriever/query/"
                           "model.safetensors"))

@@ -39,6 +39,9 @@ class TrainingRecord:
             best = max(state.history, key=lambda h: h[select])
             metrics.update({k: v for k, v in best.items() if k.startswith("dev/")})
             metrics["dev/best_step"] = best["step"]
+            if (start := state.history[0])["step"] == 0:  # the starting weights' (eval_at_start)
+                metrics.update({f"dev/start/{k[4:]}": v for k, v in start.items()
+                                if k.startswith("dev/")})
         atomic_write_json(metrics_file, metrics)
         # the dev evaluations ride on the rows of their steps (the run report's dev curves;
         # DVC plots the loss column)
