@@ -240,8 +240,8 @@ def train_joint(
     """Train the query tower and the generator together; they end holding the best dev-F1
     weights (dev F1 of the generator reading the joint retriever's top passage); with
     ``eval_at_start`` the starting (pipeline-trained) pair is a candidate, kept when no step
-    beats it. ``refresh``
-    (index refresh) is called with the optimizer step before each micro-batch."""
+    beats it. ``refresh`` (index refresh) is called with the optimizer step before each
+    micro-batch."""
     rows = [r for r in train_rows if r.get("answers")]
     bs = cfg.batch_size
     n_batches = max(1, len(rows) // bs)  # drop the last partial batch: fixed shapes

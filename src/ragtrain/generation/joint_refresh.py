@@ -2,9 +2,8 @@
 
 When the passage encoder trains too, the passage embeddings the top-k search uses go stale; every
 ``every`` optimizer steps the corpus (each passage, or each window of it) is re-encoded with the
-current passage tower. Each refresh
-logs its staleness (dev recall@k of the current query encoder against the stale embeddings and
-against the refreshed ones) and its cost in seconds.
+current passage tower. Each refresh logs its staleness (dev recall@k of the current query encoder
+against the stale embeddings and against the refreshed ones) and its cost in seconds.
 
 Resuming stays exact: each refreshed matrix is saved in the checkpoint folder under the step it
 was computed at, and a resumed run loads the one an uninterrupted run would hold at that step.
