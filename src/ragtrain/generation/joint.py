@@ -52,22 +52,6 @@ class JointModel(nn.Module):
         self.passage = passage  # index refresh only: the passage tower trains too
 
 
-def top_passages(q: torch.Tensor, emb: torch.Tensor, ids: Sequence[str], k: int
-                 ) -> list[list[str]]:
-    """Each query's top-k passage ids by exact inner products # (B, k), best first; with
-    windows (an id on several rows) a passage scores by its best row (``windows.py``)."""
-    if len(set(ids)) == len(ids):
-        return [[ids[j] for j in row] for row in exact_top(q, emb, k)]
-    with torch.autocast("cpu", enabled=False):  # fp32 scores under a bf16 evaluation too
-        scores = q.float() @ emb.T  # (B, n_vectors)
-
-    def vectors(m: int) -> tuple[np.ndarray, list[list[str]]]:
-        s, rows = torch.topk(scores, m, dim=1)
-        return s.numpy(), [[ids[j] for j in row] for row in rows.tolist()]
-
-    return search_passages(vectors, k, len(ids))[1]
-
-
 @dataclass
 class FixedPassages:
     """The frozen passage side: the vectors # (n, D) as build_index wrote them (one per passage,
@@ -93,6 +77,23 @@ class FixedPassages:
     def n_passages(self) -> int:
         return len(self.spans)
 
+    def top_ids(self, q: torch.Tensor, k: int, emb: torch.Tensor | None = None
+                ) -> list[list[str]]:
+        """Each query's top-k passage ids by exact inner products with ``emb`` (rows aligned
+        with ``ids``; default the fixed ones) # (B, k), best first; with windows a passage
+        scores by its best row (``windows.py``)."""
+        emb = self.emb if emb is None else emb
+        if self.n_passages == len(self.ids):
+            return [[self.ids[j] for j in row] for row in exact_top(q, emb, k)]
+        with torch.autocast("cpu", enabled=False):  # fp32 scores under a bf16 evaluation too
+            scores = q.float() @ emb.T  # (B, n_vectors)
+
+        def vectors(m: int) -> tuple[np.ndarray, list[list[str]]]:
+            s, rows = torch.topk(scores, m, dim=1)
+            return s.numpy(), [[self.ids[j] for j in row] for row in rows.tolist()]
+
+        return search_passages(vectors, k, len(self.ids))[1]
+
     def best_rows(self, q: torch.Tensor, pids: Sequence[Sequence[str]]) -> list[list[int]]:
         """The row of each query's passages that scores best with it (its only row, without
         windows) # (B, k)."""
@@ -115,7 +116,7 @@ class FixedPassages:
             if all(len(row) == k for row in ids):  # IVF may find fewer: then search exactly
                 return self.best_rows(torch.from_numpy(q), ids)
         qt = torch.from_numpy(q)
-        return self.best_rows(qt, top_passages(qt, self.emb, self.ids, k))
+        return self.best_rows(qt, self.top_ids(qt, k))
 
 
 class JointRAG:
@@ -184,8 +185,7 @@ class JointRAG:
         """Exact top-k passage ids of each question with the current query tower."""
         q = encode(self.model.query, self.tokenizer, list(questions), self.query_max_length,
                    batch_size)
-        return top_passages(torch.from_numpy(q), self.passages.emb, self.passages.ids,
-                            min(k, self.passages.n_passages))
+        return self.passages.top_ids(torch.from_numpy(q), min(k, self.passages.n_passages))
 
     def answer(self, rows: Sequence[Mapping[str, Any]], *, n_passages: int = 1,
                batch_size: int = 32, bf16: bool = False,

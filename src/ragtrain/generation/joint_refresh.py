@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ragtrain import distributed, runtime
-from ragtrain.generation.joint import JointRAG, top_passages
+from ragtrain.generation.joint import JointRAG
 from ragtrain.retrieval.encoder import encode
 
 
@@ -70,7 +70,7 @@ class IndexRefresh:
                        [r["question"] for r in self.dev], self.rag.query_max_length,
                        self.batch_size)
         fixed = self.rag.passages
-        top = top_passages(torch.from_numpy(q), emb, fixed.ids, min(self.k, fixed.n_passages))
+        top = fixed.top_ids(torch.from_numpy(q), min(self.k, fixed.n_passages), emb)
         return sum(any(pid in r["gold_passage_ids"] for pid in row)
                    for r, row in zip(self.dev, top, strict=True)) / len(self.dev)
 
