@@ -54,6 +54,13 @@ from ragtrain.retrieval.reranker_training import (  # noqa: E402
 )
 
 
+def whole_passages(corpus: Corpus, rk) -> dict[str, str]:
+    """Each passage's whole text: both sides score the same (question, passage) pairs (a
+    windowed reranker's pairs are its windows; the pair throughput is what is compared)."""
+    return {p: t[0] for p, t in passage_texts(corpus, RerankerSpec(rk.model_name,
+                                                                    rk.max_length)).items()}
+
+
 def training(cfg, corpus: Corpus, rows: list[dict], bm25: BM25Retriever, steps: int,
              warmup: int, st_default_dropout: bool) -> None:
     from datasets import Dataset
@@ -67,7 +74,7 @@ def training(cfg, corpus: Corpus, rows: list[dict], bm25: BM25Retriever, steps: 
 
     rk = cfg.reranker
     amp = runtime.amp_dtype(rk.precision)
-    texts = passage_texts(corpus)
+    texts = whole_passages(corpus, rk)
     questions = [r["question"] for r in rows]
     _, ranked = bm25.search(questions, min(rk.negatives_depth, len(corpus)))
     pools = negative_pools(rows, ranked, corpus)
@@ -141,7 +148,7 @@ def reranking(cfg, corpus: Corpus, rows: list[dict], bm25: BM25Retriever) -> Non
     from sentence_transformers.cross_encoder import CrossEncoder
 
     rk = cfg.reranker
-    texts = passage_texts(corpus)
+    texts = whole_passages(corpus, rk)
     questions = [r["question"] for r in rows]
     _, ids = bm25.search(questions, min(rk.candidates, len(corpus)))
     lists = [[texts[p] for p in row] for row in ids]

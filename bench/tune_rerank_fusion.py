@@ -42,8 +42,8 @@ def main() -> int:
                            index_dir=paths.index, bm25_dir=paths.bm25)
     k = min(rk.candidates, len(corpus.ids))
     scores, ids = first.search(questions, k)
-    texts = passage_texts(corpus)
     reranker = Reranker.load(paths.reranker)
+    texts = passage_texts(corpus, reranker.spec)  # whole passages or windows, as it was trained
     r = reranker.score(questions, [[texts[p] for p in row] for row in ids],
                        batch_size=rk.eval_batch_size, bf16=runtime.use_bf16(rk.precision),
                        progress=False)

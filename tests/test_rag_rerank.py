@@ -56,7 +56,7 @@ def test_bundle_ask_and_pyfunc_rerank(reranking_project: Path, tmp_path: Path,
     first = m.first_stage(questions, n)
     reranked = m.retrieve(questions, n)
     # fuse_weight 1.0: the order is the reranker's own scores over the first stage's list
-    texts = passage_texts(m.corpus)
+    texts = passage_texts(m.corpus, m.reranker.spec)
     scores = m.reranker.score(questions, [[texts[pid] for pid, _ in f] for f in first])
     for f, r, s in zip(first, reranked, scores, strict=True):
         expect = [f[j][0] for j in sorted(range(len(f)), key=lambda j: (-s[j], j))]

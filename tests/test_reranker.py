@@ -16,7 +16,7 @@ import torch
 from ragtrain import cli
 from ragtrain.config import Config, RerankerConfig, load_config
 from ragtrain.data.corpus import Corpus, Passage
-from ragtrain.errors import ConfigError, RagtrainError
+from ragtrain.errors import ConfigError, RagtrainError, RetrievalError
 from ragtrain.retrieval.bm25 import BM25Retriever
 from ragtrain.retrieval.encoder import passage_inputs
 from ragtrain.retrieval.losses import listwise_softmax_ce
@@ -25,6 +25,7 @@ from ragtrain.retrieval.reranker_training import (
     CandidateBatches,
     negative_pools,
     train_reranker,
+    window_candidates,
 )
 from tests.conftest import FIXTURES, TINY_RETRIEVER_PARAMS, RecordingRun, tamper_safetensors
 
@@ -154,10 +155,69 @@ def test_score_batched_equals_one_by_one(tiny_reranker: Reranker) -> None:
         assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
 
 
+def test_a_windowed_passage_scores_its_best_window(tiny_reranker: Reranker) -> None:
+    qs = ["what river?", "which castle?"]
+    windows = ("Paris. the city lies", "Paris. lies on the Seine", "Paris. and is old")
+    ps = [[windows, "Rome is old.", windows[1:]], [("x y", "castle z"), "w"]]
+    got = tiny_reranker.score(qs, ps, batch_size=3)
+    for q, plist, g in zip(qs, ps, got, strict=True):
+        want = [max(float(tiny_reranker.score([q], [[w]])[0][0]) for w in
+                    ([p] if isinstance(p, str) else p)) for p in plist]
+        assert g.shape == (len(plist),) and np.allclose(g, want, atol=1e-5)
+    assert not np.allclose(got[0][0], tiny_reranker.score(qs[:1], [[windows[0]]])[0][0])
+    with pytest.raises(RetrievalError, match="no text to read"):
+        tiny_reranker.score(qs[:1], [[()]])
+
+
+def test_passage_texts_whole_or_as_windows(tiny_bert_dir: Path) -> None:
+    corpus = Corpus([Passage("a", "Some_Title", "one two three four five six seven"),
+                     Passage("b", "", "short text")])
+    whole = passage_texts(corpus, RerankerSpec(str(tiny_bert_dir)))
+    assert whole == {"a": ("Some Title. one two three four five six seven",),
+                     "b": ("short text",)}
+    win = passage_texts(corpus, RerankerSpec(str(tiny_bert_dir), window_words=4))
+    assert win == {"a": ("Some Title. one two three four", "Some Title. three four five six",
+                         "Some Title. five six seven"), "b": ("short text",)}
+
+
+def test_window_candidates_positive_holds_the_answer_and_negatives_no_gold_window(
+        tiny_bert_dir: Path) -> None:
+    corpus = Corpus([
+        Passage("g", "", "The city has many bridges. Its river is the Seine which flows west"),
+        Passage("a", "", "Another text naming the Seine river again here"),  # holds the answer
+        Passage("n1", "", "The river Thames flows through London city bridges"),
+        Passage("n2", "", "A river in Rome is the Tiber flowing by the city")])
+    rows = [{"question": "Which river flows through the city?", "answers": ["Seine"],
+             "gold_passage_ids": ["g"]},
+            {"question": "Which river flows through the city?", "answers": ["Danube"],
+             "gold_passage_ids": ["g"]}]  # no window holds it: the best BM25 gold window
+    spec = RerankerSpec(str(tiny_bert_dir), window_words=6, window_stride=3)
+    positives, pools, texts = window_candidates(rows, corpus, spec, _bm25(corpus), depth=20)
+    assert set(texts) == {f"{pid}#{j}" for pid, t in passage_texts(corpus, spec).items()
+                          for j in range(len(t))}
+    assert "Seine" in texts[positives[0]] and positives[0].startswith("g#")
+    assert all("Seine" not in texts[positives[0][:-1] + str(j)]
+               for j in range(int(positives[0][-1])))  # the first window holding it
+    windows = BM25Retriever.build(list(texts.values()), list(texts))
+    s = windows.scores(rows[1]["question"])
+    g_rows = [i for i, w in enumerate(texts) if w.startswith("g#")]
+    assert positives[1] == list(texts)[max(g_rows, key=lambda i: s[i])]
+    assert pools[0] and not any(w.startswith(("g#", "a#")) for w in pools[0])
+    assert not any(w.startswith("g#") for w in pools[1]) and any(w.startswith("a#")
+                                                                 for w in pools[1])
+
+
 def test_save_load_same_scores_and_fingerprint(tiny_reranker: Reranker, tmp_path: Path) -> None:
     tiny_reranker.save(tmp_path / "r")
     back = Reranker.load(tmp_path / "r")
     assert back.fingerprint() == tiny_reranker.fingerprint() and back.spec.max_length == 64
+    assert back.spec.window_words == 0
+    spec_file = tmp_path / "r/reranker.json"
+    saved = json.loads(spec_file.read_text())
+    spec_file.write_text(json.dumps({**saved, "window_words": 8, "window_stride": 2}))
+    assert Reranker.load(tmp_path / "r").spec == dataclasses.replace(
+        tiny_reranker.spec, window_words=8, window_stride=2)
+    spec_file.write_text(json.dumps(saved))
     qs, ps = ["what river is Paris on?"], [["Paris lies on the Seine.", "Rome is old."]]
     assert np.array_equal(back.score(qs, ps)[0], tiny_reranker.score(qs, ps)[0])
     before = back.fingerprint()
@@ -174,7 +234,8 @@ def test_save_load_same_scores_and_fingerprint(tiny_reranker: Reranker, tmp_path
 
 # ----------------------------------------------------------------- training + resume
 
-CFG = RerankerConfig(enabled=True, max_length=48, candidates=4, train_candidates=4,
+CFG = RerankerConfig(enabled=True, max_length=48, window_words=0, candidates=4,
+                     train_candidates=4,
                      negatives_depth=6, batch_questions=4, lr=1e-3, head_lr=1e-2,
                      warmup_ratio=0.0, max_steps=30, eval_every=10, checkpoint_every=2,
                      dev_questions=0, precision="fp32", eval_batch_size=16)
@@ -184,23 +245,28 @@ def _gold_rank(model: Reranker, corpus: Corpus, rows: list[dict],
                lists: list[list[str]] | None = None) -> float:
     """Mean rank of the gold passage by the reranker's score alone, among each question's
     ``lists`` (all passages when None)."""
-    texts = passage_texts(corpus)
+    texts = passage_texts(corpus, model.spec)
     lists = lists or [list(texts)] * len(rows)
     s = model.score([r["question"] for r in rows], [[texts[p] for p in row] for row in lists])
     return float(np.mean([1 + int((si > si[row.index(r["gold_passage_ids"][0])]).sum())
                           for si, row, r in zip(s, lists, rows, strict=True)]))
 
 
-def test_training_ranks_gold_higher(tiny_bert_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("window_words", [0, 4])
+def test_training_ranks_gold_higher(tiny_bert_dir: Path, tmp_path: Path,
+                                    window_words: int) -> None:
     """A few steps of a tiny random BERT put the gold passage first among its question's
-    candidates (the loss pushes it above its negatives). So few steps teach a random model
-    passage priors, not question-passage matching: the slow MiniLM test below shows matching."""
+    candidates (the loss pushes it above its negatives), read whole or as 4-word windows (each
+    passage 4 of them; trained on windows, ranked by the best). So few steps teach a random
+    model priors, not question-passage matching: the slow MiniLM test below shows matching."""
     corpus, train, dev = _toy()
     cfg = dataclasses.replace(CFG, model_name=str(tiny_bert_dir), lr=5e-3, head_lr=5e-2,
-                              max_steps=10, eval_every=5, batch_questions=1)
+                              max_steps=10, eval_every=5, batch_questions=1,
+                              window_words=window_words)
     bm25 = _bm25(corpus)
     model = Reranker.from_pretrained(RerankerSpec.from_config(cfg))
-    texts = passage_texts(corpus)
+    texts = passage_texts(corpus, model.spec)
+    assert {len(t) for t in texts.values()} == {4 if window_words else 1}
     lists = [[r["gold_passage_ids"][0], *pool] for r, pool in zip(train, negative_pools(
         train, bm25.search([r["question"] for r in train], 6)[1], corpus), strict=True)]
     ranks = [_gold_rank(model, corpus, [r], [row[:4]]) for r, row in zip(train, lists,
@@ -213,7 +279,8 @@ def test_training_ranks_gold_higher(tiny_bert_dir: Path, tmp_path: Path) -> None
     assert state.step == 10
     assert _gold_rank(model, corpus, [train[q]], [lists[q][:4]]) == 1.0 < ranks[q]
     losses = [d["train/loss"] for d in log if "train/loss" in d]
-    assert losses[-1] < losses[0]
+    if not window_words:  # (windows: each step draws other negative windows, a noisy curve)
+        assert losses[-1] < losses[0]
     evals = [d for d in log if "dev/recall_at_1" in d]
     assert len(evals) == 2 and {"dev/alone/recall_at_1", "dev/first_stage/recall_at_1",
                                 "dev/mrr_at_4"} <= set(evals[0])
@@ -236,10 +303,12 @@ def test_minilm_reranker_learns_to_match(tmp_path: Path) -> None:
     assert before > 3 and after <= 1.5, (before, after)
 
 
-def test_resume_reaches_the_same_weights(tiny_bert_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("window_words", [0, 4])
+def test_resume_reaches_the_same_weights(tiny_bert_dir: Path, tmp_path: Path,
+                                         window_words: int) -> None:
     corpus, train, dev = _toy()
     cfg = dataclasses.replace(CFG, model_name=str(tiny_bert_dir), max_steps=6, eval_every=3,
-                              batch_questions=2)
+                              batch_questions=2, window_words=window_words)
 
     def fresh() -> Reranker:
         return Reranker.from_pretrained(RerankerSpec.from_config(cfg))

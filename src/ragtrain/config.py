@@ -112,11 +112,12 @@ class RetrieverConfig:
 @dataclass(frozen=True)
 class RerankerConfig:
     # A cross-encoder over (question, passage) that reorders the first stage's top `candidates`
-    # (retriever.kind). Off by default: enabling it adds train_reranker's training and reranking
-    # in eval_retriever and retrieve (about 90 pairs/s on 2 CPU cores).
+    # (retriever.kind). Off by default: it adds train_reranker and reranking in eval_retriever.
     enabled: bool = False
     model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
     max_length: int = _f(256, ge=16)  # question + passage tokens (the passage is cut first)
+    window_words: int = _f(40, ge=0)  # passages read as windows, scored by the best; 0 = whole
+    window_stride: int = _f(0, ge=0)  # words between window starts; 0 = window_words // 2
     candidates: int = _f(10, ge=1)  # first-stage passages reranked per question
     # final score over the candidates: w * minmax(reranker) + (1 - w) * minmax(first stage)
     fuse_weight: float = _f(0.5, ge=0, le=1)  # 1.0 = the reranker alone
@@ -140,6 +141,9 @@ class RerankerConfig:
     runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"  # inference, as retriever.runtime
 
     def __post_init__(self) -> None:
+        if self.window_stride > self.window_words:  # words would be skipped
+            raise ConfigError(f"window_stride: at most window_words ({self.window_words}), "
+                              f"got {self.window_stride}")
         if self.negatives_depth < self.train_candidates - 1:
             raise ConfigError(
                 f"negatives_depth: must be at least train_candidates - 1 "
@@ -163,9 +167,9 @@ class IndexConfig:
     refine_store: Literal["flat", "fp16", "sq8"] = "flat"
     # build-index preflight: refuse a kind whose estimated memory exceeds this; 0 = MemAvailable
     max_memory_gb: float = _f(0.0, ge=0)
-    # reuse unchanged passages' embeddings (cache/embeddings/, keyed by text and encoder): a 1%
-    # edit re-encodes ~1%. Off: under bf16 an embedding depends on its batch's padding (~1e-3),
-    # so a warm-cache build can move a fresh clone's metrics' last digits (bench/incremental.py)
+    # reuse unchanged passages' embeddings (cache/embeddings/, by text and encoder): a 1% edit
+    # re-encodes ~1%. Off: under bf16 an embedding depends on its batch's padding (~1e-3), so a
+    # warm-cache build can move a fresh clone's metrics' last digits (bench/incremental.py)
     embedding_cache: bool = False
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: faiss-gpu where it sees a GPU
     mmap: bool = False  # search the saved index from disk (memory-mapped): indexes past RAM
@@ -187,9 +191,8 @@ class GeneratorConfig:
     # hf_rag: transformers' RagTokenForGeneration / RagSequenceForGeneration (rag_variant) reading
     # the passages ragtrain's retriever found (each passage its own encoder input).
     kind: Literal["copy", "seq2seq", "causal", "hf_rag"] = "copy"
-    # auto: train and evaluate the generator when the data has reference answers (retrieval-only
-    # data such as BEIR skips it: the stages write a DISABLED.json marker and the retriever is
-    # packaged and registered on its own); false: always skip; true: require answers.
+    # auto: when the data has reference answers (retrieval-only data, e.g. BEIR, skips it with
+    # DISABLED.json markers; the retriever is registered alone); false: never; true: required
     enabled: Literal["auto", True, False] = "auto"
     model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
     gguf_file: str = ""  # causal: a GGUF file inside model_name's folder (transformers gguf_file=)
@@ -203,9 +206,8 @@ class GeneratorConfig:
     missed_target: Literal["empty", "answer"] = "empty"  # no gold/answer in input: "" | answer
     decoding: Literal["constrained", "greedy"] = "constrained"  # copy: constrained = a passage span
     num_beams: int = _f(2, ge=1, le=16)  # copy, constrained: beam search width (1 = greedy)
-    # answering: read answer_from inputs of retriever.top_k passages each (the best, the next..)
-    # and keep the answer with the best mean token log-prob - answer_null_weight * log p(empty
-    # answer) + answer_weight * its input's first passage's retrieval score (1 = one input)
+    # answering: read answer_from inputs of top_k passages each (1 = one); keep the answer of
+    # best mean token log-prob - answer_null_weight * log p(empty) + answer_weight * score(1st)
     answer_from: int = _f(3, ge=1)
     answer_weight: float = _f(3.0, ge=0)
     answer_null_weight: float = _f(0.2, ge=0)

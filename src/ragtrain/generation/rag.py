@@ -178,7 +178,7 @@ class RAGModel:
         depth = min(max(k, self.rerank.candidates), self.retriever.n_passages)
         scores, ids = self.retriever.search(list(questions), depth)
         if self._texts is None:
-            self._texts = passage_texts(self.corpus)
+            self._texts = passage_texts(self.corpus, self.reranker.spec)
         scores, ids = self.reranker.rerank(
             list(questions), scores, ids, self._texts, candidates=self.rerank.candidates,
             fuse_weight=self.rerank.fuse_weight, batch_size=self.rerank.eval_batch_size,

@@ -339,7 +339,7 @@ def _rerank(cfg: Config, reranker: Any, corpus: Any, questions: list[str], score
     from ragtrain.retrieval.reranker import passage_texts
 
     rk = cfg.reranker
-    return reranker.rerank(questions, scores, ids, passage_texts(corpus),
+    return reranker.rerank(questions, scores, ids, passage_texts(corpus, reranker.spec),
                            candidates=rk.candidates, fuse_weight=rk.fuse_weight,
                            batch_size=rk.eval_batch_size, bf16=runtime.use_bf16(rk.precision),
                            progress=True)

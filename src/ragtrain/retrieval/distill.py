@@ -37,7 +37,7 @@ def score_candidates(reranker: Reranker, rows: Sequence[Mapping[str, Any]], corp
                      candidates: Sequence[Sequence[str]], *, batch_size: int, bf16: bool,
                      progress: bool = False) -> list[dict[str, Any]]:
     """The rows of scores.jsonl: ``{"id", "candidates", "scores"}`` per question."""
-    text = passage_texts(corpus)
+    text = passage_texts(corpus, reranker.spec)
     scores = reranker.score([r["question"] for r in rows],
                             [[text[c] for c in cands] for cands in candidates],
                             batch_size=batch_size, bf16=bf16, progress=progress)

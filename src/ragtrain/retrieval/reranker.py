@@ -1,10 +1,13 @@
 """Cross-encoder reranker: one relevance logit per (question, passage) pair.
 
 Any Hugging Face encoder as ``AutoModelForSequenceClassification(num_labels=1)`` (the bundled
-MiniLM offline: its scoring head is new), reading ``question [SEP] title. passage``. It reorders
-the first stage's top candidates; the final score fuses both, min-max normalised over the
-candidates. Saved as a plain Hugging Face folder (safetensors + tokenizer) plus ``reranker.json``
-with the fingerprint of the weights, so a bundle can bind the exact reranker it was built with.
+MiniLM offline: its scoring head is new), reading ``question [SEP] title. passage``, or, with
+``window_words``, ``question [SEP] title. window`` for each word window of the passage, the
+passage scored by its best window (MaxP, as the windowed index: shorter pairs train faster and
+the answer's sentence is not diluted by the rest of the passage). It reorders the first stage's
+top candidates; the final score fuses both, min-max normalised over the candidates. Saved as a
+plain Hugging Face folder (safetensors + tokenizer) plus ``reranker.json`` with the spec and the
+fingerprint of the weights, so a bundle can bind the exact reranker it was built with.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from ragtrain.data.corpus import Corpus
 from ragtrain.errors import RagtrainError, RetrievalError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
-from ragtrain.retrieval.encoder import passage_inputs
 from ragtrain.retrieval.onnx_runtime import ONNX_BATCH, OnnxModel, on_runtime, onnx_cross_encoder
+from ragtrain.retrieval.windows import passage_windows
 
 SPEC_FILE = "reranker.json"
 MODEL_DIR = "model"  # the weights, config and tokenizer: loadable by any HF / ST cross-encoder
@@ -36,15 +39,26 @@ MODEL_DIR = "model"  # the weights, config and tokenizer: loadable by any HF / S
 class RerankerSpec:
     base_model: str
     max_length: int = 256  # question + passage tokens, the passage cut first
+    window_words: int = 0  # > 0: passages read as windows of this many words (0: whole)
+    window_stride: int = 0  # words between window starts; 0 = half a window
 
     @classmethod
     def from_config(cls, cfg: RerankerConfig) -> RerankerSpec:
-        return cls(cfg.model_name, cfg.max_length)
+        return cls(cfg.model_name, cfg.max_length, cfg.window_words, cfg.window_stride)
 
 
-def passage_texts(corpus: Corpus) -> dict[str, str]:
-    """What the reranker reads of each passage, by id: ``title. text`` (as the encoders do)."""
-    return dict(zip(corpus.ids, passage_inputs(corpus.passages), strict=True))
+# What the reranker reads of one passage: its text, or its windows' texts (scored by the best).
+PassageText = str | Sequence[str]
+
+
+def passage_texts(corpus: Corpus, spec: RerankerSpec) -> dict[str, tuple[str, ...]]:
+    """What the reranker reads of each passage, by id: ``(title. text,)`` (as the encoders
+    do), or, with ``spec.window_words``, each of its windows (``windows.passage_windows``)."""
+    texts, owners = passage_windows(corpus.passages, spec.window_words, spec.window_stride)
+    out: dict[str, list[str]] = {}
+    for text, pid in zip(texts, owners, strict=True):
+        out.setdefault(pid, []).append(text)
+    return {pid: tuple(t) for pid, t in out.items()}
 
 
 class Reranker(torch.nn.Module):
@@ -155,16 +169,38 @@ class Reranker(torch.nn.Module):
         return self.model(**{k: v.to(dev) for k, v in enc.items()}).logits[:, 0]
 
     @torch.inference_mode()
-    def score(self, questions: Sequence[str], passage_lists: Sequence[Sequence[str]], *,
-              batch_size: int = 64, bf16: bool = False, progress: bool = False
+    def score(self, questions: Sequence[str], passage_lists: Sequence[Sequence[PassageText]],
+              *, batch_size: int = 64, bf16: bool = False, progress: bool = False
               ) -> list[np.ndarray]:
-        """One float32 score array per question, over its passages (texts), in input order;
-        batches of similar length (less padding), bf16 autocast when ``bf16``."""
+        """One float32 score array per question, over its passages, in input order: a passage
+        is a text, or its windows' texts (``passage_texts``) and then scored by the best one.
+        Batches of similar length (less padding), bf16 autocast when ``bf16``."""
         if len(questions) != len(passage_lists):
             raise RetrievalError(f"score: {len(questions)} questions but "
                                  f"{len(passage_lists)} passage lists")
-        qs = [q for q, ps in zip(questions, passage_lists, strict=True) for _ in ps]
-        ps = [p for plist in passage_lists for p in plist]
+        sizes: list[int] = []  # per passage: how many texts (windows) it is read as
+        qs: list[str] = []
+        ps: list[str] = []
+        for q, plist in zip(questions, passage_lists, strict=True):
+            for p in plist:
+                texts = [p] if isinstance(p, str) else list(p)
+                if not texts:
+                    raise RetrievalError("score: a passage with no text to read (no windows)")
+                sizes.append(len(texts))
+                ps += texts
+                qs += [q] * len(texts)
+        flat = self._score_pairs(qs, ps, batch_size, bf16, progress)
+        if len(ps) > len(sizes):  # windows: each passage scores its best window
+            flat = np.maximum.reduceat(flat, np.cumsum([0, *sizes[:-1]]))
+        out, start = [], 0
+        for plist in passage_lists:
+            out.append(flat[start:start + len(plist)])
+            start += len(plist)
+        return out
+
+    def _score_pairs(self, qs: Sequence[str], ps: Sequence[str], batch_size: int, bf16: bool,
+                     progress: bool) -> np.ndarray:
+        """The logit # (n_pairs,) of each (question, text) pair, float32."""
         flat = np.empty(len(ps), dtype=np.float32)
         if ps:
             was_training = self.training
@@ -194,21 +230,18 @@ class Reranker(torch.nn.Module):
                 bar.update(len(idx))
             bar.close()
             self.train(was_training)
-        out, start = [], 0
-        for plist in passage_lists:
-            out.append(flat[start:start + len(plist)])
-            start += len(plist)
-        return out
+        return flat
 
     def rerank(self, questions: Sequence[str], scores: np.ndarray | Sequence[Sequence[float]],
-               ids: Sequence[Sequence[str]], passages: Mapping[str, str], *, candidates: int,
+               ids: Sequence[Sequence[str]], passages: Mapping[str, PassageText], *,
+               candidates: int,
                fuse_weight: float, batch_size: int = 64, bf16: bool = False,
                progress: bool = False) -> tuple[np.ndarray, list[list[str]]]:
         """Reorder each question's top ``candidates`` first-stage passages by the fused score.
 
         ``scores`` # (n_questions, k) and ``ids`` are a first stage's result (as
         ``Retriever.search`` returns them; an id list may be shorter than k). ``passages`` maps
-        an id to the text the reranker reads (``passage_texts``). Returns the same shapes: the
+        an id to what the reranker reads (``passage_texts``). Returns the same shapes: the
         reranked head, then the rest of the list in first-stage order (``fuse_scores``).
         """
         if len(ids) != len(questions):

@@ -2,10 +2,13 @@
 
 Each training question gets its gold passage and ``train_candidates - 1`` negatives drawn from
 BM25's top ``negatives_depth``, excluding its gold passages and any passage containing an answer
-string (``mining.mine_hard_negatives``: DPR's token match; likely false negatives). The draw and
+string (``mining.mine_hard_negatives``: DPR's token match; likely false negatives). A windowed
+reranker (``window_words``) trains on windows instead: the positive is the gold passage's first
+window holding an answer (else its best BM25 window), the negatives BM25's top windows over all
+windows, less those of gold passages or holding an answer. The draw and
 the batch order are fixed by (seed, epoch), so a resumed run sees the same batches. A batch is
 ``batch_questions`` questions of similar length (less padding) x their candidates. Model
-selection: reranked recall@1 on dev questions over BM25's top ``candidates``.
+selection: reranked recall@1 on dev questions over BM25's top ``candidates`` passages.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ from ragtrain import distributed, runtime, trainer
 from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
+from ragtrain.retrieval.bm25 import BM25Retriever
 from ragtrain.retrieval.losses import listwise_softmax_ce
-from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
-from ragtrain.retrieval.reranker import Reranker, apply_fusion, passage_texts
+from ragtrain.retrieval.reranker import (
+    PassageText,
+    Reranker,
+    RerankerSpec,
+    apply_fusion,
+    passage_texts,
+)
 
 POOL_BATCHES = 50  # length grouping: sort within pools of this many batches
 
@@ -45,6 +55,34 @@ def negative_pools(rows: Sequence[Mapping[str, Any]], ranked: Sequence[Sequence[
     return mine_hard_negatives(ranked, [r["gold_passage_ids"] for r in rows],
                                [r.get("answers") or [] for r in rows], corpus.text_by_id,
                                n=max((len(x) for x in ranked), default=0))
+
+
+def window_candidates(rows: Sequence[Mapping[str, Any]], corpus: Corpus, spec: RerankerSpec,
+                      bm25: BM25Retriever, depth: int
+                      ) -> tuple[list[str], list[list[str]], dict[str, str]]:
+    """A windowed reranker's training lists: per question its positive window and its negative
+    pool (BM25 order), and every window's text, by window id (``<passage id>#<n>``). Windows are
+    indexed by a BM25 of the passage index's settings."""
+    texts = passage_texts(corpus, spec)
+    window_ids = {pid: [f"{pid}#{j}" for j in range(len(t))] for pid, t in texts.items()}
+    by_id = {w: t for pid, ts in texts.items() for w, t in zip(window_ids[pid], ts, strict=True)}
+    m = bm25.meta
+    windows = BM25Retriever.build(list(by_id.values()), list(by_id), k1=m["k1"], b=m["b"],
+                                  stopwords=m["stopwords"], stemmer=m["stemmer"])
+    questions = [r["question"] for r in rows]
+    gold = [[w for g in r["gold_passage_ids"] for w in window_ids[g]] for r in rows]
+    row_of = {w: i for i, w in enumerate(windows.passage_ids)}
+    positives = []
+    for q, r, g in zip(questions, rows, gold, strict=True):
+        hit = [w for w in g if answer_in_passage(r.get("answers") or [], by_id[w])]
+        if not hit:  # no window holds an answer string (e.g. abstractive answers)
+            s = windows.scores(q)  # (n_windows,)
+            hit = [max(g, key=lambda w: float(s[row_of[w]]))]  # ties: the first window
+        positives.append(hit[0])
+    _, ranked = windows.search(questions, min(depth, len(by_id)))
+    pools = mine_hard_negatives(ranked, gold, [r.get("answers") or [] for r in rows], by_id,
+                                n=depth)
+    return positives, pools, by_id
 
 
 def run_signature(cfg: RerankerConfig, seed: int, *parts: str) -> str:
@@ -144,7 +182,7 @@ def make_loss_fn(model: Reranker, questions: Sequence[str], texts: Mapping[str, 
 
 
 def dev_evaluator(model: Reranker, rows: Sequence[Mapping[str, Any]], bm25: Any,
-                  texts: Mapping[str, str], cfg: RerankerConfig, *, bf16: bool
+                  texts: Mapping[str, PassageText], cfg: RerankerConfig, *, bf16: bool
                   ) -> Callable[[], dict[str, float]]:
     """evaluate() -> dev metrics of the reranked BM25 top ``candidates``: ``dev/recall_at_1``
     (fused as configured: what is selected on), ``dev/alone/recall_at_1`` (the reranker alone)
@@ -197,13 +235,18 @@ def train_reranker(
     rows = labelled(train_rows)
     if not rows:
         raise DataError("train_reranker: no training question has a gold passage")
-    texts = passage_texts(corpus)
+    texts = passage_texts(corpus, model.spec)  # what dev reranking reads of each passage
     questions = [r["question"] for r in rows]
-    _, ranked = bm25.search(questions, min(cfg.negatives_depth, len(corpus)))
-    pools = negative_pools(rows, ranked, corpus)
-    gold = [r["gold_passage_ids"][0] for r in rows]
+    if model.spec.window_words:
+        gold, pools, train_texts = window_candidates(rows, corpus, model.spec, bm25,
+                                                     cfg.negatives_depth)
+    else:
+        _, ranked = bm25.search(questions, min(cfg.negatives_depth, len(corpus)))
+        pools = negative_pools(rows, ranked, corpus)
+        gold = [r["gold_passage_ids"][0] for r in rows]
+        train_texts = {pid: t[0] for pid, t in texts.items()}
     lists = [[g, *pool] for g, pool in zip(gold, pools, strict=True)]
-    batches = CandidateBatches(gold, pools, pair_lengths(model, questions, lists, texts),
+    batches = CandidateBatches(gold, pools, pair_lengths(model, questions, lists, train_texts),
                                cfg.train_candidates, cfg.batch_questions, seed)
     amp = runtime.amp_dtype(cfg.precision)  # training autocast: bf16, fp16 (loss scaled) or none
     dev = labelled(dev_rows)
@@ -223,6 +266,6 @@ def train_reranker(
     opt = trainer.build_optimizer(model, cfg.lr, cfg.weight_decay,
                                   {p: cfg.head_lr for p in model.new_params})
     return trainer.train_loop(
-        model, make_loss_fn(model, questions, texts, batches, amp), loop, ckpt_dir=ckpt_dir,
+        model, make_loss_fn(model, questions, train_texts, batches, amp), loop, ckpt_dir=ckpt_dir,
         signature=signature, resume=resumed, evaluate=evaluate,
         select_metric="dev/recall_at_1", on_step=on_step, optimizer=opt)
