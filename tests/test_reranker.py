@@ -186,7 +186,9 @@ def test_window_candidates_positive_holds_the_answer_and_negatives_no_gold_windo
         Passage("g", "", "The city has many bridges. Its river is the Seine which flows west"),
         Passage("a", "", "Another text naming the Seine river again here"),  # holds the answer
         Passage("n1", "", "The river Thames flows through London city bridges"),
-        Passage("n2", "", "A river in Rome is the Tiber flowing by the city")])
+        Passage("n2", "", "A river in Rome is the Tiber flowing by the city"),
+        # the answer in the title only: its windows do not hold it, so they may be negatives
+        Passage("t", "Seine", "Which river flows through the city? Another one")])
     rows = [{"question": "Which river flows through the city?", "answers": ["Seine"],
              "gold_passage_ids": ["g"]},
             {"question": "Which river flows through the city?", "answers": ["Danube"],
@@ -203,6 +205,7 @@ def test_window_candidates_positive_holds_the_answer_and_negatives_no_gold_windo
     g_rows = [i for i, w in enumerate(texts) if w.startswith("g#")]
     assert positives[1] == list(texts)[max(g_rows, key=lambda i: s[i])]
     assert pools[0] and not any(w.startswith(("g#", "a#")) for w in pools[0])
+    assert any(w.startswith("t#") for w in pools[0]) and texts["t#0"].startswith("Seine. ")
     assert not any(w.startswith("g#") for w in pools[1]) and any(w.startswith("a#")
                                                                  for w in pools[1])
 

@@ -39,6 +39,7 @@ from ragtrain.retrieval.reranker import (
     apply_fusion,
     passage_texts,
 )
+from ragtrain.retrieval.windows import word_windows
 
 POOL_BATCHES = 50  # length grouping: sort within pools of this many batches
 
@@ -61,11 +62,15 @@ def window_candidates(rows: Sequence[Mapping[str, Any]], corpus: Corpus, spec: R
                       bm25: BM25Retriever, depth: int
                       ) -> tuple[list[str], list[list[str]], dict[str, str]]:
     """A windowed reranker's training lists: per question its positive window and its negative
-    pool (BM25 order), and every window's text, by window id (``<passage id>#<n>``). Windows are
-    indexed by a BM25 of the passage index's settings."""
+    pool (BM25 order), and every window's input text, by window id (``<passage id>#<n>``).
+    Windows are indexed by a BM25 of the passage index's settings; answers are matched in a
+    window's own words (not its passage's title, as for whole passages)."""
     texts = passage_texts(corpus, spec)
     window_ids = {pid: [f"{pid}#{j}" for j in range(len(t))] for pid, t in texts.items()}
     by_id = {w: t for pid, ts in texts.items() for w, t in zip(window_ids[pid], ts, strict=True)}
+    words = {w: t for p in corpus.passages for w, t in zip(
+        window_ids[p.passage_id], word_windows(p.text, spec.window_words, spec.window_stride),
+        strict=True)}
     m = bm25.meta
     windows = BM25Retriever.build(list(by_id.values()), list(by_id), k1=m["k1"], b=m["b"],
                                   stopwords=m["stopwords"], stemmer=m["stemmer"])
@@ -74,13 +79,13 @@ def window_candidates(rows: Sequence[Mapping[str, Any]], corpus: Corpus, spec: R
     row_of = {w: i for i, w in enumerate(windows.passage_ids)}
     positives = []
     for q, r, g in zip(questions, rows, gold, strict=True):
-        hit = [w for w in g if answer_in_passage(r.get("answers") or [], by_id[w])]
+        hit = [w for w in g if answer_in_passage(r.get("answers") or [], words[w])]
         if not hit:  # no window holds an answer string (e.g. abstractive answers)
             s = windows.scores(q)  # (n_windows,)
             hit = [max(g, key=lambda w: float(s[row_of[w]]))]  # ties: the first window
         positives.append(hit[0])
     _, ranked = windows.search(questions, min(depth, len(by_id)))
-    pools = mine_hard_negatives(ranked, gold, [r.get("answers") or [] for r in rows], by_id,
+    pools = mine_hard_negatives(ranked, gold, [r.get("answers") or [] for r in rows], words,
                                 n=depth)
     return positives, pools, by_id
 

@@ -37,6 +37,14 @@ def window_starts(n_words: int, words: int, stride: int) -> list[int]:
     return starts
 
 
+def word_windows(text: str, words: int, stride: int) -> list[str]:
+    """The windows of ``text`` (``window_starts``; ``stride`` 0: half a window), their words
+    joined by single spaces."""
+    tokens = text.split()
+    return [" ".join(tokens[start:start + words])
+            for start in window_starts(len(tokens), words, stride_of(words, stride))]
+
+
 def passage_windows(passages: Iterable[Passage], words: int,
                     stride: int) -> tuple[list[str], list[str]]:
     """The encoder inputs of every passage's windows, in passage order, and the id of the
@@ -50,9 +58,8 @@ def passage_windows(passages: Iterable[Passage], words: int,
             texts.append(passage_input(p.title, p.text))
             owners.append(p.passage_id)
             continue
-        tokens = p.text.split()
-        for start in window_starts(len(tokens), words, stride_of(words, stride)):
-            texts.append(passage_input(p.title, " ".join(tokens[start:start + words])))
+        for window in word_windows(p.text, words, stride):
+            texts.append(passage_input(p.title, window))
             owners.append(p.passage_id)
     return texts, owners
 
