@@ -73,6 +73,8 @@ def test_fuse_scores_by_hand() -> None:
 def test_config_checks_negatives_depth() -> None:
     with pytest.raises(ConfigError, match="negatives_depth: must be at least"):
         RerankerConfig(train_candidates=8, negatives_depth=3)
+    with pytest.raises(ConfigError, match="window_stride: at most window_words"):
+        RerankerConfig(window_words=4, window_stride=5)  # words between windows never read
     assert Config().reranker.enabled is False  # off by default: nothing changes
 
 
