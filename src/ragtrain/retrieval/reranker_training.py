@@ -29,6 +29,7 @@ from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
 from ragtrain.retrieval.bm25 import BM25Retriever
+from ragtrain.retrieval.encoder import passage_input
 from ragtrain.retrieval.losses import listwise_softmax_ce
 from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
@@ -65,12 +66,14 @@ def window_candidates(rows: Sequence[Mapping[str, Any]], corpus: Corpus, spec: R
     pool (BM25 order), and every window's input text, by window id (``<passage id>#<n>``).
     Windows are indexed by a BM25 of the passage index's settings; answers are matched in a
     window's own words (not its passage's title, as for whole passages)."""
-    texts = passage_texts(corpus, spec)
-    window_ids = {pid: [f"{pid}#{j}" for j in range(len(t))] for pid, t in texts.items()}
-    by_id = {w: t for pid, ts in texts.items() for w, t in zip(window_ids[pid], ts, strict=True)}
-    words = {w: t for p in corpus.passages for w, t in zip(
-        window_ids[p.passage_id], word_windows(p.text, spec.window_words, spec.window_stride),
-        strict=True)}
+    window_ids: dict[str, list[str]] = {}
+    by_id: dict[str, str] = {}  # what the reranker reads (as ``passage_texts``)
+    words: dict[str, str] = {}  # the window's own words: where answers are matched
+    for p in corpus.passages:
+        ids = window_ids[p.passage_id] = []
+        for j, w in enumerate(word_windows(p.text, spec.window_words, spec.window_stride)):
+            ids.append(f"{p.passage_id}#{j}")
+            by_id[ids[-1]], words[ids[-1]] = passage_input(p.title, w), w
     m = bm25.meta
     windows = BM25Retriever.build(list(by_id.values()), list(by_id), k1=m["k1"], b=m["b"],
                                   stopwords=m["stopwords"], stemmer=m["stemmer"])
