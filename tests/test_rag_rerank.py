@@ -49,6 +49,7 @@ def test_bundle_ask_and_pyfunc_rerank(reranking_project: Path, tmp_path: Path,
     manifest = json.loads((p / "artifacts/rag/rag.json").read_text())
     assert manifest["reranker"]["fingerprint"] == reranker_fingerprint(p / "artifacts/reranker")
     assert manifest["reranker"]["candidates"] == 5 and manifest["reranker"]["fuse_weight"] == 1
+    assert manifest["reranker"]["max_windows"] == 2  # the config's default, recorded
     m = RAGModel.load(p / "artifacts/rag")
     assert m.reranker is not None
     n = m.retriever.n_passages
@@ -67,6 +68,13 @@ def test_bundle_ask_and_pyfunc_rerank(reranking_project: Path, tmp_path: Path,
     q = differs[0]
     want = [pid for pid, _ in m.retrieve([q], n)[0]]
     assert want != [pid for pid, _ in m.first_stage([q], n)[0]]
+
+    # a bundle packaged before reranker.max_windows read every window of a passage
+    old = {**manifest, "reranker": {k: v for k, v in manifest["reranker"].items()
+                                    if k != "max_windows"}}
+    (p / "artifacts/rag/rag.json").write_text(json.dumps(old))
+    assert RAGModel.load(p / "artifacts/rag").rerank.max_windows == 0
+    (p / "artifacts/rag/rag.json").write_text(json.dumps(manifest))
 
     # `ragtrain ask` from the current outputs and from the bundle
     for extra in ([], ["--bundle", "artifacts/rag"]):

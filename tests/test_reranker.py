@@ -14,13 +14,19 @@ import pytest
 import torch
 
 from ragtrain import cli
-from ragtrain.config import Config, RerankerConfig, load_config
+from ragtrain.config import Config, RerankerConfig, config_from_dict, load_config
 from ragtrain.data.corpus import Corpus, Passage
 from ragtrain.errors import ConfigError, RagtrainError, RetrievalError
 from ragtrain.retrieval.bm25 import BM25Retriever
 from ragtrain.retrieval.encoder import passage_inputs
 from ragtrain.retrieval.losses import listwise_softmax_ce
-from ragtrain.retrieval.reranker import Reranker, RerankerSpec, fuse_scores, passage_texts
+from ragtrain.retrieval.reranker import (
+    Reranker,
+    RerankerSpec,
+    fuse_scores,
+    lexical_windows,
+    passage_texts,
+)
 from ragtrain.retrieval.reranker_training import (
     CandidateBatches,
     negative_pools,
@@ -75,6 +81,8 @@ def test_config_checks_negatives_depth() -> None:
         RerankerConfig(train_candidates=8, negatives_depth=3)
     with pytest.raises(ConfigError, match="window_stride: at most window_words"):
         RerankerConfig(window_words=4, window_stride=5)  # words between windows never read
+    with pytest.raises(ConfigError, match="reranker.max_windows"):
+        config_from_dict({"reranker": {"max_windows": -1}})
     assert Config().reranker.enabled is False  # off by default: nothing changes
 
 
@@ -169,6 +177,55 @@ def test_a_windowed_passage_scores_its_best_window(tiny_reranker: Reranker) -> N
     assert not np.allclose(got[0][0], tiny_reranker.score(qs[:1], [[windows[0]]])[0][0])
     with pytest.raises(RetrievalError, match="no text to read"):
         tiny_reranker.score(qs[:1], [[()]])
+
+
+def test_lexical_windows_by_hand() -> None:
+    q = "Who built the Eiffel tower?"
+    p1 = ("Paris. a city of lights", "Paris. the Eiffel tower was built", "Paris. built by Eiffel")
+    p2 = ("Rome. old", "Rome. the tower")
+    # question words in windows: p1 -> 0, 4 (the eiffel tower built), 2; p2 -> 0, 2; every
+    # such word is in 2 of the 5 windows, so all weigh the same: the counts decide
+    assert lexical_windows(q, [p1, p2], 1) == [[1], [1]]
+    assert lexical_windows(q, [p1, p2], 2) == [[1, 2], [0, 1]]  # in passage order
+    assert lexical_windows(q, [p1, p2], 0) == [[0, 1, 2], [0, 1]]  # 0: every window
+    assert lexical_windows(q, [("x tower", "y tower")], 1) == [[0]]  # a tie: the earlier one
+    # idf: "rare" (1 window of 5) outweighs "castle" (4 of 5), though each window has one word
+    a, b = ("castle", "rare"), ("castle one", "castle two", "castle three")
+    assert lexical_windows("rare castle", [a, b], 1) == [[1], [0]]
+    assert lexical_windows("RARE castle?", [a, b], 1) == [[1], [0]]  # case and punctuation
+
+
+def test_max_windows_reads_only_the_lexical_best(tiny_reranker: Reranker,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    qs = ["where does the river flow?", "which castle?"]
+    windows = ("Paris. the city lies", "Paris. the river flows west", "Paris. a river",
+               "Paris. and is old")
+    ps = [[windows, "Rome is old.", windows[2:]], [("x y", "castle z", "castle w"), "w"]]
+    read: list[tuple[str, str]] = []  # the (question, text) pairs the cross-encoder reads
+    score_pairs = tiny_reranker._score_pairs
+
+    def spy(q: list[str], p: list[str], *args: object) -> np.ndarray:
+        read.extend(zip(q, p, strict=True))
+        return score_pairs(q, p, *args)
+
+    monkeypatch.setattr(tiny_reranker, "_score_pairs", spy)
+
+    def one(q: str, text: str) -> float:
+        return float(tiny_reranker.score([q], [[text]])[0][0])
+
+    for n, want_read in ((1, [windows[1], "Rome is old.", windows[2], "castle z", "w"]),
+                         (2, [windows[1], windows[0], "Rome is old.", *windows[2:], "castle z",
+                              "castle w", "w"]),
+                         (0, [*windows, "Rome is old.", *windows[2:], "x y", "castle z",
+                              "castle w", "w"])):
+        read.clear()
+        got = tiny_reranker.score(qs, ps, batch_size=3, max_windows=n)
+        assert sorted(p for _, p in read) == sorted(want_read), n
+        for q, plist, g in zip(qs, ps, got, strict=True):
+            texts = [[p] if isinstance(p, str) else list(p) for p in plist]
+            want = [max(one(q, t[j]) for j in keep)
+                    for t, keep in zip(texts, lexical_windows(q, texts, n), strict=True)]
+            assert np.allclose(g, want, atol=1e-5)
 
 
 def test_passage_texts_whole_or_as_windows(tiny_bert_dir: Path) -> None:

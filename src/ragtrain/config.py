@@ -111,16 +111,15 @@ class RetrieverConfig:
 
 @dataclass(frozen=True)
 class RerankerConfig:
-    # A cross-encoder over (question, passage) that reorders the first stage's top `candidates`
-    # (retriever.kind). Off by default: it adds train_reranker and reranking in eval_retriever.
+    # A cross-encoder reordering the first stage's top `candidates` (retriever.kind); opt-in
     enabled: bool = False
     model_name: str = "all-MiniLM-L6-v2"  # bundled copy offline; a local folder or hub name online
     max_length: int = _f(256, ge=16)  # question + passage tokens (the passage is cut first)
     window_words: int = _f(40, ge=0)  # passages read as windows, scored by the best; 0 = whole
     window_stride: int = _f(0, ge=0)  # words between window starts; 0 = window_words // 2
+    max_windows: int = _f(2, ge=0)  # per passage, windows read: its lexical best; 0 = all
     candidates: int = _f(10, ge=1)  # first-stage passages reranked per question
-    # final score over the candidates: w * minmax(reranker) + (1 - w) * minmax(first stage)
-    fuse_weight: float = _f(0.5, ge=0, le=1)  # 1.0 = the reranker alone
+    fuse_weight: float = _f(0.5, ge=0, le=1)  # w*minmax(reranker) + (1-w)*minmax(first stage)
     train_candidates: int = _f(8, ge=2)  # per training question: the gold + negatives
     negatives_depth: int = _f(20, ge=1)  # negatives are drawn from BM25's top this many
     batch_questions: int = _f(4, ge=1)  # questions per batch (x train_candidates pairs)
@@ -176,6 +175,7 @@ class IndexConfig:
     # passages as windows of this many words, a vector each, scored by the best (MaxP: see
     window_words: int = _f(24, ge=0)  # retrieval/windows.py); 0 = one vector per passage
     window_stride: int = _f(0, ge=0)  # words between window starts; 0 = window_words // 2
+    max_windows: int = _f(2, ge=0)  # per passage, windows read: its lexical best; 0 = all
 
     def __post_init__(self) -> None:
         if self.window_stride > self.window_words:  # words would be skipped

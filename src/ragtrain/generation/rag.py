@@ -32,7 +32,8 @@ MANIFEST = "rag.json"
 RAG, RETRIEVER = "rag", "retriever"  # the manifest's "kind": with a generator, or without
 RERANKER_SPEC = "reranker.json"  # in a saved reranker folder: its spec and weights' fingerprint
 # what reranking at inference reads of reranker.* (the bundle records them)
-RERANK_KEYS = ("candidates", "fuse_weight", "eval_batch_size", "precision", "runtime")
+RERANK_KEYS = ("candidates", "fuse_weight", "eval_batch_size", "precision", "runtime",
+               "max_windows")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Rerank:
     eval_batch_size: int = 64
     precision: str = "auto"
     runtime: str = "torch"  # reranker.runtime: torch | onnx | onnx_int8
+    max_windows: int = 0  # reranker.max_windows; a bundle without it reads every window
 
     @classmethod
     def from_config(cls, rk: RerankerConfig) -> Rerank:
@@ -182,7 +184,7 @@ class RAGModel:
         scores, ids = self.reranker.rerank(
             list(questions), scores, ids, self._texts, candidates=self.rerank.candidates,
             fuse_weight=self.rerank.fuse_weight, batch_size=self.rerank.eval_batch_size,
-            bf16=runtime.use_bf16(self.rerank.precision))
+            bf16=runtime.use_bf16(self.rerank.precision), max_windows=self.rerank.max_windows)
         return [[(pid, float(s)) for pid, s in zip(row_ids[:k], row_scores[:k], strict=False)]
                 for row_ids, row_scores in zip(ids, scores, strict=True)]
 

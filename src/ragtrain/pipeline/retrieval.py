@@ -342,4 +342,4 @@ def _rerank(cfg: Config, reranker: Any, corpus: Any, questions: list[str], score
     return reranker.rerank(questions, scores, ids, passage_texts(corpus, reranker.spec),
                            candidates=rk.candidates, fuse_weight=rk.fuse_weight,
                            batch_size=rk.eval_batch_size, bf16=runtime.use_bf16(rk.precision),
-                           progress=True)
+                           progress=True, max_windows=rk.max_windows)

@@ -171,7 +171,7 @@ _RESUME_NOTE = ("--resume: a run killed mid-way continues from its last checkpoi
 
 # what reranking at inference reads (the trained model itself is artifacts/reranker)
 _RERANK_PARAMS = ("reranker.enabled", "reranker.candidates", "reranker.fuse_weight",
-                  "reranker.precision", "reranker.eval_batch_size")
+                  "reranker.max_windows", "reranker.precision", "reranker.eval_batch_size")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("fetch", run_fetch,

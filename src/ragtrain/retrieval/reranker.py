@@ -13,6 +13,8 @@ fingerprint of the weights, so a bundle can bind the exact reranker it was built
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +61,33 @@ def passage_texts(corpus: Corpus, spec: RerankerSpec) -> dict[str, tuple[str, ..
     for text, pid in zip(texts, owners, strict=True):
         out.setdefault(pid, []).append(text)
     return {pid: tuple(t) for pid, t in out.items()}
+
+
+_WORD = re.compile(r"\w+")
+
+
+def lexical_windows(question: str, passages: Sequence[Sequence[str]], n: int
+                    ) -> list[list[int]]:
+    """Per passage, the indices (in passage order) of its ``n`` windows sharing the most of the
+    question's words, each word weighted by its BM25 idf among all these windows (ties: the
+    earlier window); a passage of at most ``n`` windows keeps them all; ``n`` = 0 keeps all.
+    A cheap pre-selection: the cross-encoder then reads only these (reranker.max_windows)."""
+    if n <= 0 or all(len(p) <= n for p in passages):
+        return [list(range(len(p))) for p in passages]
+    terms = set(_WORD.findall(question.lower()))
+    seen = [[terms.intersection(_WORD.findall(w.lower())) for w in p] for p in passages]
+    df: dict[str, int] = {}
+    for hits in (h for p in seen for h in p):
+        for t in hits:
+            df[t] = df.get(t, 0) + 1
+    total = sum(len(p) for p in passages)
+    idf = {t: math.log(1 + (total - d + 0.5) / (d + 0.5)) for t, d in df.items()}
+    out = []
+    for hits in seen:
+        score = [sum(idf[t] for t in h) for h in hits]
+        best = sorted(range(len(hits)), key=lambda j: (-score[j], j))[:n]
+        out.append(sorted(best))
+    return out
 
 
 class Reranker(torch.nn.Module):
@@ -170,11 +199,12 @@ class Reranker(torch.nn.Module):
 
     @torch.inference_mode()
     def score(self, questions: Sequence[str], passage_lists: Sequence[Sequence[PassageText]],
-              *, batch_size: int = 64, bf16: bool = False, progress: bool = False
-              ) -> list[np.ndarray]:
+              *, batch_size: int = 64, bf16: bool = False, progress: bool = False,
+              max_windows: int = 0) -> list[np.ndarray]:
         """One float32 score array per question, over its passages, in input order: a passage
-        is a text, or its windows' texts (``passage_texts``) and then scored by the best one.
-        Batches of similar length (less padding), bf16 autocast when ``bf16``."""
+        is a text, or its windows' texts (``passage_texts``) and then scored by the best one
+        (with ``max_windows``, the best of its ``lexical_windows``). Batches of similar length
+        (less padding), bf16 autocast when ``bf16``."""
         if len(questions) != len(passage_lists):
             raise RetrievalError(f"score: {len(questions)} questions but "
                                  f"{len(passage_lists)} passage lists")
@@ -182,10 +212,12 @@ class Reranker(torch.nn.Module):
         qs: list[str] = []
         ps: list[str] = []
         for q, plist in zip(questions, passage_lists, strict=True):
-            for p in plist:
-                texts = [p] if isinstance(p, str) else list(p)
-                if not texts:
-                    raise RetrievalError("score: a passage with no text to read (no windows)")
+            read = [[p] if isinstance(p, str) else list(p) for p in plist]
+            if any(not texts for texts in read):
+                raise RetrievalError("score: a passage with no text to read (no windows)")
+            keep = lexical_windows(q, read, max_windows)
+            for texts, idx in zip(read, keep, strict=True):
+                texts = [texts[j] for j in idx]
                 sizes.append(len(texts))
                 ps += texts
                 qs += [q] * len(texts)
@@ -234,15 +266,16 @@ class Reranker(torch.nn.Module):
 
     def rerank(self, questions: Sequence[str], scores: np.ndarray | Sequence[Sequence[float]],
                ids: Sequence[Sequence[str]], passages: Mapping[str, PassageText], *,
-               candidates: int,
-               fuse_weight: float, batch_size: int = 64, bf16: bool = False,
-               progress: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+               candidates: int, fuse_weight: float, batch_size: int = 64, bf16: bool = False,
+               progress: bool = False, max_windows: int = 0
+               ) -> tuple[np.ndarray, list[list[str]]]:
         """Reorder each question's top ``candidates`` first-stage passages by the fused score.
 
         ``scores`` # (n_questions, k) and ``ids`` are a first stage's result (as
         ``Retriever.search`` returns them; an id list may be shorter than k). ``passages`` maps
-        an id to what the reranker reads (``passage_texts``). Returns the same shapes: the
-        reranked head, then the rest of the list in first-stage order (``fuse_scores``).
+        an id to what the reranker reads (``passage_texts``; ``max_windows``: as ``score``).
+        Returns the same shapes: the reranked head, then the rest of the list in first-stage
+        order (``fuse_scores``).
         """
         if len(ids) != len(questions):
             raise RetrievalError(f"rerank: {len(questions)} questions but {len(ids)} id lists")
@@ -253,7 +286,8 @@ class Reranker(torch.nn.Module):
         if missing is not None:
             raise RetrievalError(f"rerank: passage {missing!r} is not in the corpus")
         r = self.score(questions, [[passages[p] for p in row] for row in heads],
-                       batch_size=batch_size, bf16=bf16, progress=progress)
+                       batch_size=batch_size, bf16=bf16, progress=progress,
+                       max_windows=max_windows)
         return apply_fusion(r, scores, ids, fuse_weight)
 
 
