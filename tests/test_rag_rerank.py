@@ -155,3 +155,24 @@ def test_index_search_settings_reach_the_bundle(tiny_rag_project: Path) -> None:
     maps = Path("/proc/self/maps").read_text()
     assert str((p / "artifacts/rag/index/index.faiss").resolve()) in maps
     assert m.answer(_questions(p)[:2])
+
+
+def test_evaluate_answers_from_both_the_reranked_and_the_first_stage_lists(
+        reranking_project: Path) -> None:
+    """With a reranker, `retrieve` keeps the first stage's list beside the reranked one and
+    `evaluate` reports the same generator's answers on both: test/first_stage/* are the
+    metrics of evaluating without the reranker (the fixture's own evaluate, run before)."""
+    p = reranking_project
+    before = json.loads((p / "metrics/generator.json").read_text())
+    assert "test/first_stage/em" not in before
+    first = {json.loads(x)["id"]: json.loads(x)["passage_ids"]
+             for x in (p / "artifacts/retrieved/test.jsonl").open() if x.strip()}
+    assert cli.main(["retrieve"]) == 0
+    rows = [json.loads(x) for x in (p / "artifacts/retrieved/test.jsonl").open() if x.strip()]
+    assert rows and all(r["first_stage_ids"] == first[r["id"]] for r in rows)
+    assert all(len(r["first_stage_scores"]) == len(r["first_stage_ids"]) for r in rows)
+    assert any(r["passage_ids"] != r["first_stage_ids"] for r in rows), "nothing reranked"
+    assert cli.main(["evaluate"]) == 0
+    after = json.loads((p / "metrics/generator.json").read_text())
+    for m in ("em", "f1", "accuracy"):
+        assert after[f"test/first_stage/{m}"] == before[f"test/{m}"], m

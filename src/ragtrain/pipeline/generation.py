@@ -22,7 +22,13 @@ from ragtrain.config import Config, to_dict
 from ragtrain.errors import DataError, SourceError
 from ragtrain.io import atomic_path, atomic_write_json, read_jsonl, sha256_file, write_jsonl
 from ragtrain.pipeline.code import code_hashes
-from ragtrain.pipeline.paths import Paths, read_queries, read_retrieved, read_retrieved_scores
+from ragtrain.pipeline.paths import (
+    Paths,
+    read_first_stage,
+    read_queries,
+    read_retrieved,
+    read_retrieved_scores,
+)
 from ragtrain.pipeline.timing import record_timings
 
 
@@ -167,17 +173,17 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     passages = [[corpus[p] for p in retrieved[r["id"]][:n_read]] for r in rows]
     scores = [retrieval_scores[r["id"]] for r in rows]
 
-    def answer(g: Generator, n: int = gc.answer_from) -> tuple[list[Any], list[Any]]:
-        """(the kept answers of ``n`` inputs, each question's answer to its first input)."""
+    def answer(g: Generator, n: int = gc.answer_from) -> tuple[list[Any], list[list[Any]]]:
+        """(the kept answers of ``n`` inputs, each question's answer to each input)."""
         per_q = read_inputs(g, questions, passages, n=n, per_input=k,
                             batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
         return (pick(per_q, scores, weight=gc.answer_weight, per_input=k,
-                     null_weight=gc.answer_null_weight),
-                [q[0] for q in per_q])
+                     null_weight=gc.answer_null_weight), per_q)
 
     gen = Generator.load(paths.generator)
     t0 = time.perf_counter()
-    preds, first = answer(gen)
+    preds, per_q = answer(gen)
+    first = [q[0] for q in per_q]
     record_timings(paths.timings, {"evaluate/answers_per_s":
                                    len(rows) / (time.perf_counter() - t0)})
     metrics = score(split, [p.answer for p in preds])
@@ -192,6 +198,11 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
                                 " ".join(corpus[p].text for p in retrieved[r["id"]][:k]))
               for r in rows]
     metrics[f"{split}/answer_recall_at_{k}"] = sum(recall) / len(rows)
+    first_stage = read_first_stage(paths, split)  # the lists before reranking (reranker on)
+    if first_stage is not None:
+        fs = _first_stage_answers(gen, rows, corpus, first_stage, per_q, passages, gc, k,
+                                  bf16, progress)
+        metrics.update(score(f"{split}/first_stage", [p.answer for p in fs]))
     metrics[f"{split}/n_questions"] = len(rows)
     metrics[f"{split}/questions_cut"] = sum(p.question_cut for p in preds)
     if left_out:
@@ -232,6 +243,34 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     metrics = {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in metrics.items()}
     atomic_write_json(paths.generator_metrics, metrics)
     return metrics
+
+
+def _first_stage_answers(gen: Any, rows: list[dict[str, Any]], corpus: Any,
+                         first_stage: dict[str, tuple[list[str], list[float]]],
+                         per_q: list[list[Any]], passages: list[list[Any]], gc: Any, k: int,
+                         bf16: bool, progress: bool) -> list[Any]:
+    """The same generator's kept answers on the first stage's lists (``retrieve`` reranked:
+    what reranking changed in EM / F1). An input (a group of ``k`` passages) already read on
+    the reranked list is not read again: only the inputs reranking did not hand it are."""
+    from ragtrain.generation.reading import pick, read_inputs
+
+    def groups(ps: list[Any]) -> list[tuple[str, ...]]:
+        ids = [p.passage_id for p in ps]
+        return [tuple(ids[j:j + k]) for j in range(0, len(ids), k)][:gc.answer_from]
+
+    known = {(r["id"], g): pred for r, ps, mine in zip(rows, passages, per_q, strict=True)
+             for g, pred in zip(groups(ps), mine, strict=False)}
+    lists = [[corpus[p] for p in first_stage[r["id"]][0][:k * gc.answer_from]] for r in rows]
+    todo = sorted({(i, g) for i, (r, ps) in enumerate(zip(rows, lists, strict=True))
+                   for g in groups(ps) if (r["id"], g) not in known})
+    fresh = read_inputs(gen, [rows[i]["question"] for i, _ in todo],
+                        [[corpus[p] for p in g] for _, g in todo], n=1, per_input=k,
+                        batch_size=gc.eval_batch_size, bf16=bf16, progress=progress)
+    known.update({(rows[i]["id"], g): a[0] for (i, g), a in zip(todo, fresh, strict=True)})
+    return pick([[known[(r["id"], g)] for g in groups(ps)] for r, ps in zip(rows, lists,
+                                                                            strict=True)],
+                [first_stage[r["id"]][1] for r in rows], weight=gc.answer_weight,
+                per_input=k, null_weight=gc.answer_null_weight)
 
 
 def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,

@@ -193,6 +193,15 @@ def read_retrieved(paths: Paths, split: str) -> dict[str, list[str]]:
     return {r["id"]: r["passage_ids"] for r in read_jsonl(p)}
 
 
+def read_first_stage(paths: Paths, split: str) -> dict[str, tuple[list[str], list[float]]] | None:
+    """Question id -> the first stage's (passage ids, scores) before reranking, which `retrieve`
+    keeps beside the reranked list when a reranker is on; None when it did not rerank."""
+    rows = read_jsonl(paths.retrieved_split(split))
+    if not rows or "first_stage_ids" not in rows[0]:
+        return None
+    return {r["id"]: (r["first_stage_ids"], r["first_stage_scores"]) for r in rows}
+
+
 def read_retrieved_scores(paths: Paths, split: str) -> dict[str, list[float]]:
     """Question id -> the retrieval scores of `retrieve`'s passages (read_retrieved's order)."""
     p = paths.retrieved_split(split)

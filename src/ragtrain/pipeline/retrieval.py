@@ -238,15 +238,15 @@ def run_retrieve(cfg: Config, paths: Paths) -> dict[str, float]:
                 continue
             questions = [q["question"] for q in rows]
             scores, ids = r.search(questions, _search_depth(cfg, depth, len(corpus.ids)))
-            if reranker is not None:  # written best first by the fused score
-                first = ids
+            first = None
+            if reranker is not None:  # written best first by the fused score, the first
+                first = scores, ids   # stage's list beside it (evaluate answers from both)
                 scores, ids = _rerank(cfg, reranker, corpus, questions, scores, ids)
                 stats[f"{split}/first_stage/answer_recall_at_{rc.top_k}"] = _answer_recall(
-                    rows, first, corpus, rc.top_k)
-            scores, ids = scores[:, :depth], [row[:depth] for row in ids]
+                    rows, first[1], corpus, rc.top_k)
             write_jsonl(tmp / f"{split}.jsonl", (
-                {"id": q["id"], "passage_ids": ids[i],
-                 "scores": [round(float(x), 6) for x in scores[i]]}
+                {"id": q["id"], **_listed("", scores[i], ids[i], depth),
+                 **(_listed("first_stage_", first[0][i], first[1][i], depth) if first else {})}
                 for i, q in enumerate(rows)))
             stats[f"{split}/answer_recall_at_{rc.top_k}"] = _answer_recall(rows, ids, corpus,
                                                                           rc.top_k)
@@ -301,6 +301,12 @@ def run_retrieve_unanswerable(cfg: Config, paths: Paths) -> dict[str, float]:
             stats[f"{split}/unanswerable/answer_recall_at_{rc.top_k}"] = _answer_recall(
                 rows, ids, corpus, rc.top_k)  # an answer string met by chance elsewhere
     return {"abstention/enabled": 1, **stats}
+
+
+def _listed(prefix: str, scores: Any, ids: list[str], depth: int) -> dict[str, Any]:
+    """A retrieved row's list: its top ``depth`` passage ids and scores (6 decimals)."""
+    return {f"{prefix}{'ids' if prefix else 'passage_ids'}": ids[:depth],
+            f"{prefix}scores": [round(float(x), 6) for x in scores[:depth]]}
 
 
 def _answer_recall(rows: list[dict[str, Any]], ids: list[list[str]], corpus: Any,
