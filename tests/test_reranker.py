@@ -423,7 +423,7 @@ def test_disabled_stage_writes_its_marker_only(tmp_path: Path,
     assert json.loads((tmp_path / files[2]).read_text()) == []
 
 
-RERANK_PARAMS = TINY_RETRIEVER_PARAMS + """reranker:
+RERANKER_SECTION = """reranker:
   enabled: {enabled}
   model_name: {bert}
   max_length: 64
@@ -435,7 +435,8 @@ RERANK_PARAMS = TINY_RETRIEVER_PARAMS + """reranker:
   checkpoint_every: 1
   dev_questions: 0
   precision: fp32
-evaluation:
+"""
+RERANK_PARAMS = TINY_RETRIEVER_PARAMS + RERANKER_SECTION + """evaluation:
   recall_ks: [1, 2, 5]
   rank_cutoff: 3
 tracking:

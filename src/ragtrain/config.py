@@ -12,7 +12,7 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ragtrain.errors import ConfigError
 from ragtrain.schema import build
@@ -138,16 +138,16 @@ class RerankerConfig:
     early_stopping_patience: int = _f(0, ge=0)
     eval_batch_size: int = _f(64, ge=1)  # pairs per forward pass when reranking
     runtime: Literal["torch", "onnx", "onnx_int8"] = "torch"  # inference, as retriever.runtime
+    INFERENCE_ONLY: ClassVar[tuple[str, ...]] = ("max_windows", "runtime")  # training ignores
 
     def __post_init__(self) -> None:
         if self.window_stride > self.window_words:  # words would be skipped
             raise ConfigError(f"window_stride: at most window_words ({self.window_words}), "
                               f"got {self.window_stride}")
         if self.negatives_depth < self.train_candidates - 1:
-            raise ConfigError(
-                f"negatives_depth: must be at least train_candidates - 1 "
-                f"({self.train_candidates - 1}) to fill each list, got {self.negatives_depth}"
-            )
+            raise ConfigError("negatives_depth: must be at least train_candidates - 1 ("
+                              f"{self.train_candidates - 1}) to fill each list, got "
+                              f"{self.negatives_depth}")
 
 
 @dataclass(frozen=True)

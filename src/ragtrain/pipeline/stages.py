@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ragtrain import distributed, tracking
-from ragtrain.config import Config
+from ragtrain.config import Config, RerankerConfig
 from ragtrain.pipeline import tracked as log
 from ragtrain.pipeline.code import code_files, repo_path
 from ragtrain.pipeline.data import run_fetch, run_prepare
@@ -171,7 +171,14 @@ _RESUME_NOTE = ("--resume: a run killed mid-way continues from its last checkpoi
 
 # what reranking at inference reads (the trained model itself is artifacts/reranker)
 _RERANK_PARAMS = ("reranker.enabled", "reranker.candidates", "reranker.fuse_weight",
-                  "reranker.max_windows", "reranker.precision", "reranker.eval_batch_size")
+                  "reranker.max_windows", "reranker.precision", "reranker.eval_batch_size",
+                  "reranker.runtime")
+# what encoding questions or passages with the trained bi-encoder reads
+_ENCODE_PARAMS = ("retriever.precision", "retriever.runtime")
+# train-reranker: every reranker key but those only reranking at inference reads, so that
+# trying another max_windows or runtime does not retrain it (tests/test_stage_params.py)
+_RERANK_TRAIN_PARAMS = tuple(f"reranker.{f.name}" for f in fields(RerankerConfig)
+                             if f.name not in RerankerConfig.INFERENCE_ONLY)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("fetch", run_fetch,
@@ -194,7 +201,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda c, p, m: (f"trained reranker -> {p.reranker}: " + _fmt(m, ".4g"))
           if c.reranker.enabled else f"reranker disabled (reranker.enabled: false) -> "
                                      f"{p.reranker_disabled}",
-          params=("seed", "reranker"), deps=("data/prepared", "artifacts/bm25"),
+          params=("seed", *_RERANK_TRAIN_PARAMS), deps=("data/prepared", "artifacts/bm25"),
           idle=lambda c: not c.reranker.enabled,
           outs=("artifacts/reranker",), metrics=("metrics/train_reranker.json",),
           plots=(Plot("plots/train_reranker.json", "step", "loss"),),
@@ -209,7 +216,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           idle=lambda c: c.retriever.loss != "distill",
           params=("retriever.loss", "retriever.hard_negative_depth",
                   "retriever.hard_negatives_per_query", "reranker.precision",
-                  "reranker.eval_batch_size"),
+                  "reranker.eval_batch_size", "reranker.runtime"),
           deps=("data/prepared", "artifacts/bm25", "artifacts/reranker"),
           outs=("artifacts/teacher_scores",), log=log.log_metrics,
           comment="the reranker's logits over each train question's gold passage and BM25 hard "
@@ -224,14 +231,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           log=log.log_train_retriever, resume=True, comment=_RESUME_NOTE),
     Stage("build-index", run_build_index, "encode the corpus and build the FAISS index",
           lambda c, p, out: f"built {c.index.kind} index {out}",
-          params=("index",), deps=("data/prepared/corpus.jsonl", "artifacts/retriever"),
+          params=("seed", "index", *_ENCODE_PARAMS),  # seed: IVF / PQ training
+          deps=("data/prepared/corpus.jsonl", "artifacts/retriever"),
           outs=("artifacts/embeddings", "artifacts/index"), log=log.log_build_index,
           parallel=True),
     Stage("eval-retriever", run_eval_retriever,
           "recall@k / MRR / nDCG of BM25, untrained, trained, hybrid (and reranked) retrieval",
           _say_eval_retriever,
           params=("evaluation", "retriever.kind", "retriever.hybrid", *_RERANK_PARAMS,
-                  "index.window_words", "index.window_stride"),  # the untrained baseline's
+                  *_ENCODE_PARAMS,  # and what the untrained baseline encodes with:
+                  "retriever.model_name", "retriever.pooling", "retriever.shared_encoder",
+                  "retriever.query_max_length", "retriever.passage_max_length",
+                  "index.window_words", "index.window_stride", "index.encode_batch_size"),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/reranker"),
           outs=("artifacts/eval/retriever_test.jsonl",), metrics=("metrics/retriever.json",),
@@ -239,7 +250,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("retrieve", run_retrieve,
           "retrieve the top passages of every question (generator input)",
           lambda c, p, m: f"retrieved top passages -> {p.retrieved}: " + _fmt(m, ".4f"),
-          params=("retriever.kind", "retriever.top_k", "retriever.hybrid", *_RERANK_PARAMS),
+          params=("retriever.kind", "retriever.top_k", "retriever.hybrid", *_RERANK_PARAMS,
+                  *_ENCODE_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/reranker"),
           outs=("artifacts/retrieved",), log=log.log_metrics,
@@ -252,7 +264,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           else f"abstention disabled -> {p.unanswerable}/DISABLED.json",
           idle=lambda c: not c.abstention.enabled,
           params=("seed", "abstention", "retriever.kind", "retriever.top_k",
-                  "retriever.hybrid", *_RERANK_PARAMS),
+                  "retriever.hybrid", *_RERANK_PARAMS, *_ENCODE_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/reranker"),
           outs=("artifacts/unanswerable",), log=log.log_metrics,
@@ -264,7 +276,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           lambda c, p, m: f"trained {c.generator.kind} generator -> {p.generator}: "
                           + _fmt(m, ".4g") if m.get("generator/enabled") != 0
           else f"generator skipped -> {p.generator_disabled}",
-          params=("seed", "retriever.top_k", "generator"),
+          params=("seed", "retriever.top_k", "generator",
+                  "evaluation.split"),  # no answers there: no generator
           deps=("data/prepared", "artifacts/retrieved"), outs=("artifacts/generator",),
           comment="data without reference answers (BEIR) or generator.enabled: false writes "
                   "artifacts/generator/DISABLED.json\n(no model); mixed data trains on the "
@@ -280,7 +293,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                   "artifacts/rag_joint/DISABLED.json",
           idle=lambda c: not c.joint.enabled,
           params=("seed", "joint", "evaluation", "retriever.kind", "retriever.top_k",
-                  "retriever.hybrid"),
+                  "retriever.hybrid", *_ENCODE_PARAMS),
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/embeddings",
                 "artifacts/index", "artifacts/generator"),
           outs=("artifacts/rag_joint",), metrics=("metrics/train_rag.json",),
@@ -303,8 +316,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                 f"{p.bundle}") + (" (reranking)" if m.get("reranker") else ""),
           params=("retriever", "generator.precision", "generator.answer_from",
                   "generator.answer_weight", "generator.answer_null_weight", "evaluation.split",
-                  "abstention.enabled",
-                  *_RERANK_PARAMS),
+                  "abstention.enabled", *_RERANK_PARAMS,
+                  "index.device", "index.mmap"),  # the manifest records how to search
           deps=("data/prepared", "artifacts/bm25", "artifacts/retriever", "artifacts/index",
                 "artifacts/generator", "metrics/generator.json", "artifacts/reranker"),
           outs=("artifacts/rag",), log=log.log_package,
@@ -324,9 +337,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "the run report: one self-contained HTML page (metrics beside the champion's, "
           "curves, failures, every question, lineage)",
           lambda c, p, r: describe_report(r),
-          params=("evaluation.split", "retriever.kind", "retriever.top_k",
-                  "generator.answer_from", "registry",
-                  "tracking"),
+          params=tuple(f.name for f in fields(Config)),  # it shows every param
           deps=("metrics/retriever.json", "metrics/generator.json",
                 "metrics/train_retriever.json", "metrics/train_generator.json",
                 "plots/train_retriever.json", "plots/train_generator.json",

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,11 @@ def window_candidates(rows: Sequence[Mapping[str, Any]], corpus: Corpus, spec: R
 
 
 def run_signature(cfg: RerankerConfig, seed: int, *parts: str) -> str:
-    """Identifies a training run: a checkpoint is resumed only by a run with the same one."""
-    h = hashlib.sha256(json.dumps([asdict(cfg), seed], sort_keys=True).encode())
+    """Identifies a training run: a checkpoint is resumed only by a run with the same one (the
+    keys only reranking at inference reads, ``RerankerConfig.INFERENCE_ONLY``, left out)."""
+    trained = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+               if f.name not in cfg.INFERENCE_ONLY}
+    h = hashlib.sha256(json.dumps([trained, seed], sort_keys=True).encode())
     for p in parts:
         h.update(p.encode())
     return h.hexdigest()
