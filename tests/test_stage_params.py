@@ -1,17 +1,21 @@
-"""Each stage's DVC params are exactly the config keys it reads: a key it reads but does not
-declare would leave its outputs stale when params.yaml changes under `dvc repro`; a key it
-declares but never reads reruns it for nothing (e.g. a 15-minute reranker training for an
-inference-only setting). The stages run on a tiny project with every optional part on (reranker,
-distillation, abstention, joint training) while the loaded config records each field read."""
+"""Each stage's DVC params and data deps are exactly what it reads: a key or file it reads but
+does not declare would leave its outputs stale when it changes under `dvc repro`; one it declares
+but never reads reruns it for nothing (e.g. a 15-minute reranker training for an inference-only
+setting). The stages run by the CLI on a tiny project with every optional part on (reranker,
+distillation, abstention, joint training, MLflow tracking and the registry) while the loaded
+config records each field read and an audit hook each project file opened for reading."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from ragtrain import cli, config
+from ragtrain.pipeline import tracked
 from ragtrain.pipeline.stages import STAGES
 from tests.conftest import FIXTURES, TINY_RAG_PARAMS
 from tests.test_joint import JOINT_PARAMS
@@ -22,6 +26,8 @@ from tests.test_reranker import RERANKER_SECTION
 # does declare these: the bundle's manifest records them).
 OPERATIONAL = ("tracking.", "data.download_timeout_s", "index.device", "index.mmap")
 NOT_OUTPUTS = {("evaluate", "retriever.kind")}  # the printed summary's label only
+# Read by every stage, not data: the params (by key, above), the wall-time record, checkpoints.
+BOOKKEEPING = ("params.yaml", "timings", "checkpoints")
 # Declared, and read only on a path the tiny project does not take.
 CONDITIONAL = {("prepare", "data.chunk_overlap"),  # both only when data.chunk_tokens > 0
                ("prepare", "data.chunk_tokenizer")}
@@ -34,6 +40,7 @@ class Reads:
     def __init__(self) -> None:
         self.keys: set[str] = set()
         self.where: dict[int, str] = {}  # id of the loaded config and its sections -> place
+        self.paused = False
 
     def record(self, monkeypatch: pytest.MonkeyPatch) -> None:
         classes: set[type] = set()
@@ -53,7 +60,7 @@ class Reads:
 
             def read(obj: object, name: str, _names: set[str] = names) -> object:
                 value = object.__getattribute__(obj, name)
-                place = self.where.get(id(obj))
+                place = None if self.paused else self.where.get(id(obj))
                 if place is not None and name in _names and not dataclasses.is_dataclass(value):
                     self.keys.add(place + name)
                 return value
@@ -69,10 +76,21 @@ class Reads:
             return cfg
 
         monkeypatch.setattr(cli, "load_config", loaded)
+        as_dict = tracked.to_dict
+
+        def logged(cfg: object) -> object:  # the MLflow run's record of every param
+            self.paused = True
+            try:
+                return as_dict(cfg)
+            finally:
+                self.paused = False
+
+        monkeypatch.setattr(tracked, "to_dict", logged)
 
 
-def covered(key: str, params: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in params)
+def covered(key: str, params: tuple[str, ...], sep: str = ".") -> bool:
+    """``key`` is one of ``params`` or inside one (a section; with sep "/", a folder)."""
+    return any(key == p or key.startswith(p + sep) for p in params)
 
 
 EVERYTHING = TINY_RAG_PARAMS.replace("retriever:\n", "retriever:\n  loss: distill\n"
@@ -80,26 +98,89 @@ EVERYTHING = TINY_RAG_PARAMS.replace("retriever:\n", "retriever:\n  loss: distil
     + RERANKER_SECTION.replace("{enabled}", "true") + "abstention:\n  enabled: true\n"
 
 
-def test_each_stage_declares_exactly_the_params_it_reads(
-        tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "params.yaml").write_text(EVERYTHING.format(
-        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked="false",
+class Opened:
+    """The files under ``root`` opened for reading from Python while ``on`` (an audit hook:
+    ``open`` events; hooks cannot be removed, so one per process, idle when off)."""
+
+    current: Opened | None = None
+    hooked = False
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.files = root.resolve(), set()
+
+    @classmethod
+    def hook(cls, event: str, args: tuple) -> None:
+        me = cls.current
+        if me is None or event != "open" or not isinstance(args[0], (str, Path)):
+            return
+        mode, flags = args[1], args[2]
+        writes = (any(c in mode for c in "wax+") if isinstance(mode, str)
+                  else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        path = Path(os.path.abspath(args[0]))
+        if (writes or not path.is_relative_to(me.root) or not path.is_file()
+                or any(p.startswith(".") and p.endswith(".tmp") for p in path.parts)):
+            return  # (a directory opened to fsync it; a file being written atomically)
+        me.files.add(path.relative_to(me.root).as_posix())
+
+    def __enter__(self) -> Opened:
+        if not Opened.hooked:
+            sys.addaudithook(Opened.hook)
+            Opened.hooked = True
+        Opened.current = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Opened.current = None
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
+             ) -> dict[str, tuple[set[str], set[str]]]:
+    """Per stage (DAG order), run by the CLI on a tiny project with every part on: the config
+    keys it read and the project files it opened for reading."""
+    root = tmp_path_factory.mktemp("everything")
+    (root / "params.yaml").write_text(EVERYTHING.format(
+        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked="true",
         uri="sqlite:///mlruns/mlflow.db"))
-    monkeypatch.chdir(tmp_path)
+    out = {}
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(root)
+        for name in STAGES:
+            reads = Reads()
+            with m.context() as mm, Opened(root) as opened:
+                reads.record(mm)
+                assert cli.main([name]) == 0, name
+            out[name] = reads.keys, opened.files
+    return out
+
+
+def test_each_stage_declares_exactly_the_params_it_reads(
+        recorded: dict[str, tuple[set[str], set[str]]]) -> None:
     undeclared, unread = [], []
-    for name, stage in STAGES.items():  # in DAG order
-        reads = Reads()
-        with monkeypatch.context() as m:
-            reads.record(m)
-            assert cli.main([name]) == 0, name
-        assert reads.keys, name
-        undeclared += [(name, k) for k in sorted(reads.keys)
-                       if not covered(k, stage.params) and (name, k) not in NOT_OUTPUTS
+    for name, (keys, _) in recorded.items():
+        params = STAGES[name].params
+        assert keys, name
+        undeclared += [(name, k) for k in sorted(keys)
+                       if not covered(k, params) and (name, k) not in NOT_OUTPUTS
                        and not any(k.startswith(x) for x in OPERATIONAL)]
-        unread += [(name, p) for p in stage.params if (name, p) not in CONDITIONAL
-                   and not any(covered(k, (p,)) for k in reads.keys)]
-    assert not undeclared, f"(stage, key) read but not among the stage's params: {undeclared}"
-    assert not unread, f"(stage, param) declared but never read: {unread}"
+        unread += [(name, p) for p in params if (name, p) not in CONDITIONAL
+                   and not any(covered(k, (p,)) for k in keys)]
+    assert not undeclared + unread, (f"(stage, key) read but not among the stage's params: "
+                                     f"{undeclared}; (stage, param) never read: {unread}")
+
+
+def test_each_stage_declares_the_files_it_reads(
+        recorded: dict[str, tuple[set[str], set[str]]]) -> None:
+    undeclared, unread = [], []
+    for name, (_, files) in recorded.items():
+        st = STAGES[name]
+        deps = [d for d in st.deps if not d.startswith("src/")]
+        own = (*st.outs, *st.metrics, *(p.path for p in st.plots))
+        undeclared += [(name, f) for f in sorted(files)
+                       if not covered(f, (*deps, *own, *BOOKKEEPING), "/")]
+        unread += [(name, d) for d in deps if not any(covered(f, (d,), "/") for f in files)]
+    assert not undeclared + unread, (f"(stage, file) read but not among the stage's deps: "
+                                     f"{undeclared}; (stage, dep) never read: {unread}")
 
 
 def test_the_recorder_sees_reads_and_only_of_the_loaded_config(

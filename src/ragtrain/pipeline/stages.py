@@ -327,8 +327,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("register", run_register,
           "register the RAG model (artifacts/rag) in MLflow as the challenger",
           _say_register,
-          params=("registry", "tracking"),
-          deps=("artifacts/rag", "metrics/retriever.json", "metrics/generator.json"),
+          params=("registry", "tracking", "evaluation.split"),  # + its questions: the examples
+          deps=("artifacts/rag", "metrics/retriever.json", "metrics/generator.json",
+                "data/prepared"),
           outs=("artifacts/registered.json",), own_run=True,
           comment="the RAG model and its parts into the MLflow registry as `challenger` "
                   "(registry.register:\nfalse skips it); `ragtrain promote` makes it the "
@@ -340,7 +341,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           params=tuple(f.name for f in fields(Config)),  # it shows every param
           deps=("metrics/retriever.json", "metrics/generator.json",
                 "metrics/train_retriever.json", "metrics/train_generator.json",
-                "plots/train_retriever.json", "plots/train_generator.json",
+                "metrics/train_reranker.json", "plots/train_retriever.json",
+                "plots/train_generator.json", "plots/train_reranker.json",
                 "artifacts/eval/retriever_test.jsonl", "artifacts/eval/generator_test.jsonl",
                 "data/prepared/corpus.jsonl", "artifacts/registered.json"),
           outs=("reports/report.html",), log=log.log_report,
