@@ -28,9 +28,6 @@ OPERATIONAL = ("tracking.", "data.download_timeout_s", "index.device", "index.mm
 NOT_OUTPUTS = {("evaluate", "retriever.kind")}  # the printed summary's label only
 # Read by every stage, not data: the params (by key, above), the wall-time record, checkpoints.
 BOOKKEEPING = ("params.yaml", "timings", "checkpoints")
-# Declared, and read only on a path the tiny project does not take.
-CONDITIONAL = {("prepare", "data.chunk_overlap"),  # both only when data.chunk_tokens > 0
-               ("prepare", "data.chunk_tokenizer")}
 
 
 class Reads:
@@ -133,24 +130,33 @@ class Opened:
         Opened.current = None
 
 
+# The other branches: chunked documents, dense retrieval, an HNSW index of whole passages,
+# RAG-Token joint training, the reranker and abstention off.
+OTHERWISE = TINY_RAG_PARAMS.replace("data:\n", "data:\n  chunk_tokens: 8\n  chunk_overlap: 2\n", 1
+                                    ).replace("retriever:\n", "retriever:\n  kind: dense\n", 1) \
+    + JOINT_PARAMS + "  marginal: token\nindex:\n  kind: hnsw\n  window_words: 0\n"
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
              ) -> dict[str, tuple[set[str], set[str]]]:
-    """Per stage (DAG order), run by the CLI on a tiny project with every part on: the config
-    keys it read and the project files it opened for reading."""
-    root = tmp_path_factory.mktemp("everything")
-    (root / "params.yaml").write_text(EVERYTHING.format(
-        source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked="true",
-        uri="sqlite:///mlruns/mlflow.db"))
-    out = {}
-    with pytest.MonkeyPatch.context() as m:
-        m.chdir(root)
-        for name in STAGES:
-            reads = Reads()
-            with m.context() as mm, Opened(root) as opened:
-                reads.record(mm)
-                assert cli.main([name]) == 0, name
-            out[name] = reads.keys, opened.files
+    """Per stage (DAG order), run by the CLI on two tiny projects (EVERYTHING, OTHERWISE): the
+    config keys it read and the project files it opened for reading, in either."""
+    out: dict[str, tuple[set[str], set[str]]] = {name: (set(), set()) for name in STAGES}
+    for project, text in (("everything", EVERYTHING), ("otherwise", OTHERWISE)):
+        root = tmp_path_factory.mktemp(project)
+        (root / "params.yaml").write_text(text.format(
+            source=FIXTURES / "tiny_jsonl", bert=tiny_bert_dir, tracked="true",
+            uri="sqlite:///mlruns/mlflow.db"))
+        with pytest.MonkeyPatch.context() as m:
+            m.chdir(root)
+            for name in STAGES:
+                reads = Reads()
+                with m.context() as mm, Opened(root) as opened:
+                    reads.record(mm)
+                    assert cli.main([name]) == 0, (project, name)
+                out[name][0].update(reads.keys)
+                out[name][1].update(opened.files)
     return out
 
 
@@ -163,8 +169,7 @@ def test_each_stage_declares_exactly_the_params_it_reads(
         undeclared += [(name, k) for k in sorted(keys)
                        if not covered(k, params) and (name, k) not in NOT_OUTPUTS
                        and not any(k.startswith(x) for x in OPERATIONAL)]
-        unread += [(name, p) for p in params if (name, p) not in CONDITIONAL
-                   and not any(covered(k, (p,)) for k in keys)]
+        unread += [(name, p) for p in params if not any(covered(k, (p,)) for k in keys)]
     assert not undeclared + unread, (f"(stage, key) read but not among the stage's params: "
                                      f"{undeclared}; (stage, param) never read: {unread}")
 
