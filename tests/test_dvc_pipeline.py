@@ -130,6 +130,18 @@ def test_dvc_repro_push_pull_roundtrip(tmp_path: Path, squad_zip: Path) -> None:
         f.write_text(text)
     assert not dvc_stale(proj) & ran
 
+    # A param only reranking at inference reads leaves the reranker's training as it is (the
+    # stage is idle here, reranker.enabled being false, but DVC judges it the same); a training
+    # param reruns it (tests/test_stage_params.py: each stage declares what it reads).
+    assert "Running stage 'train_reranker'" in sh(proj, "dvc", "repro", "train_reranker")
+    sh(proj, "ragtrain", "params", "set", "reranker.max_windows=3", "reranker.runtime=onnx")
+    assert "train_reranker" not in dvc_stale(proj)
+    sh(proj, "ragtrain", "params", "set", "reranker.lr=1e-4")
+    assert "train_reranker" in dvc_stale(proj)
+    sh(proj, "ragtrain", "params", "set", "reranker.max_windows=2", "reranker.runtime=torch",
+       "reranker.lr=3.0e-5")
+    assert "train_reranker" not in dvc_stale(proj)
+
     # A data param reruns prepare, and not fetch.
     sh(proj, "ragtrain", "params", "set", "data.split_seed=3")
     out = sh(proj, "dvc", "repro", "prepare")
