@@ -1,21 +1,27 @@
-"""Each stage's DVC params and data deps are exactly what it reads: a key or file it reads but
-does not declare would leave its outputs stale when it changes under `dvc repro`; one it declares
-but never reads reruns it for nothing (e.g. a 15-minute reranker training for an inference-only
-setting). The stages run by the CLI on a tiny project with every optional part on (reranker,
-distillation, abstention, joint training, MLflow tracking and the registry) while the loaded
-config records each field read and an audit hook each project file opened for reading."""
+"""Each stage's DVC params, data deps and code deps are exactly what it reads and runs: a key,
+file or module it uses but does not declare would leave its outputs stale when that changes under
+`dvc repro`; a param or data dep it declares but never reads reruns it for nothing (e.g. a
+15-minute reranker training for an inference-only setting). The stages run by the CLI on two tiny
+projects (one with every optional part on: reranker, distillation, abstention, joint training,
+MLflow tracking and the registry; one for the other branches) while the loaded config records
+each field read, an audit hook each project file opened for reading, and a trace hook each
+package file whose functions the stage's function calls."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ragtrain import cli, config
 from ragtrain.pipeline import tracked
+from ragtrain.pipeline.code import PACKAGE_DIR, repo_path
 from ragtrain.pipeline.stages import STAGES
 from tests.conftest import FIXTURES, TINY_RAG_PARAMS
 from tests.test_joint import JOINT_PARAMS
@@ -26,6 +32,11 @@ from tests.test_reranker import RERANKER_SECTION
 # does declare these: the bundle's manifest records them).
 OPERATIONAL = ("tracking.", "data.download_timeout_s", "index.device", "index.mmap")
 NOT_OUTPUTS = {("evaluate", "retriever.kind")}  # the printed summary's label only
+# Run inside a stage's function without being its code: the MLflow run's per-step logging (the
+# on_step callback run_stage hands the trainers, and the run handle it calls).
+LOGGING_CODE = ("src/ragtrain/pipeline/stages.py", "src/ragtrain/tracking/runs.py",
+                "src/ragtrain/tracking/store.py")
+PACKAGE_PREFIX = str(PACKAGE_DIR) + os.sep
 # Read by every stage, not data: the params (by key, above), the wall-time record, checkpoints.
 BOOKKEEPING = ("params.yaml", "timings", "checkpoints")
 
@@ -137,12 +148,39 @@ OTHERWISE = TINY_RAG_PARAMS.replace("data:\n", "data:\n  chunk_tokens: 8\n  chun
     + JOINT_PARAMS + "  marginal: token\nindex:\n  kind: hnsw\n  window_words: 0\n"
 
 
+class Ran:
+    """The package files (``src/ragtrain/...``) with a Python function called while ``fn``
+    runs, in any thread (a trace hook on call events; nothing is traced line by line)."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def hook(frame: Any, event: str, arg: Any) -> None:
+            f = frame.f_code.co_filename
+            if f.startswith(PACKAGE_PREFIX):
+                self.files.add(repo_path(Path(f)))
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            sys.settrace(hook)
+            threading.settrace(hook)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sys.settrace(None)
+                threading.settrace(None)  # type: ignore[arg-type]
+
+        return traced
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
-             ) -> dict[str, tuple[set[str], set[str]]]:
+             ) -> dict[str, tuple[set[str], set[str], set[str]]]:
     """Per stage (DAG order), run by the CLI on two tiny projects (EVERYTHING, OTHERWISE): the
-    config keys it read and the project files it opened for reading, in either."""
-    out: dict[str, tuple[set[str], set[str]]] = {name: (set(), set()) for name in STAGES}
+    config keys it read, the project files it opened for reading and the package files its
+    function ran, in either."""
+    out: dict[str, tuple[set[str], set[str], set[str]]] = {
+        name: (set(), set(), set()) for name in STAGES}
     for project, text in (("everything", EVERYTHING), ("otherwise", OTHERWISE)):
         root = tmp_path_factory.mktemp(project)
         (root / "params.yaml").write_text(text.format(
@@ -150,20 +188,22 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
             uri="sqlite:///mlruns/mlflow.db"))
         with pytest.MonkeyPatch.context() as m:
             m.chdir(root)
-            for name in STAGES:
-                reads = Reads()
+            for name, stage in STAGES.items():
+                reads, ran = Reads(), Ran()
                 with m.context() as mm, Opened(root) as opened:
                     reads.record(mm)
+                    mm.setitem(STAGES, name, dataclasses.replace(stage, fn=ran.wrap(stage.fn)))
                     assert cli.main([name]) == 0, (project, name)
                 out[name][0].update(reads.keys)
                 out[name][1].update(opened.files)
+                out[name][2].update(ran.files)
     return out
 
 
 def test_each_stage_declares_exactly_the_params_it_reads(
-        recorded: dict[str, tuple[set[str], set[str]]]) -> None:
+        recorded: dict[str, tuple[set[str], set[str], set[str]]]) -> None:
     undeclared, unread = [], []
-    for name, (keys, _) in recorded.items():
+    for name, (keys, _, _) in recorded.items():
         params = STAGES[name].params
         assert keys, name
         undeclared += [(name, k) for k in sorted(keys)
@@ -175,9 +215,9 @@ def test_each_stage_declares_exactly_the_params_it_reads(
 
 
 def test_each_stage_declares_the_files_it_reads(
-        recorded: dict[str, tuple[set[str], set[str]]]) -> None:
+        recorded: dict[str, tuple[set[str], set[str], set[str]]]) -> None:
     undeclared, unread = [], []
-    for name, (_, files) in recorded.items():
+    for name, (_, files, _) in recorded.items():
         st = STAGES[name]
         deps = [d for d in st.deps if not d.startswith("src/")]
         own = (*st.outs, *st.metrics, *(p.path for p in st.plots))
@@ -186,6 +226,15 @@ def test_each_stage_declares_the_files_it_reads(
         unread += [(name, d) for d in deps if not any(covered(f, (d,), "/") for f in files)]
     assert not undeclared + unread, (f"(stage, file) read but not among the stage's deps: "
                                      f"{undeclared}; (stage, dep) never read: {unread}")
+
+
+def test_each_stage_runs_only_the_code_of_its_deps(
+        recorded: dict[str, tuple[set[str], set[str], set[str]]]) -> None:
+    """The code deps come from a static import closure (pipeline/code.py); here, what ran."""
+    missing = {name: sorted(ran - set(STAGES[name].code()) - set(LOGGING_CODE))
+               for name, (_, _, ran) in recorded.items()}
+    assert all(recorded[n][2] for n in STAGES)  # the hook saw each stage's function run
+    assert not any(missing.values()), f"ran, but not among the stage's code deps: {missing}"
 
 
 def test_the_recorder_sees_reads_and_only_of_the_loaded_config(
