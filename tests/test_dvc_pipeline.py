@@ -132,7 +132,7 @@ def test_dvc_repro_push_pull_roundtrip(tmp_path: Path, squad_zip: Path) -> None:
 
     # A param only reranking at inference reads leaves the reranker's training as it is (the
     # stage is idle here, reranker.enabled being false, but DVC judges it the same); a training
-    # param reruns it (tests/test_stage_params.py: each stage declares what it reads).
+    # param reruns it (tests/test_stage_declarations.py: each stage declares what it reads).
     assert "Running stage 'train_reranker'" in sh(proj, "dvc", "repro", "train_reranker")
     sh(proj, "ragtrain", "params", "set", "reranker.max_windows=3", "reranker.runtime=onnx")
     assert "train_reranker" not in dvc_stale(proj)

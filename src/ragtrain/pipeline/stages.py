@@ -176,7 +176,7 @@ _RERANK_PARAMS = ("reranker.enabled", "reranker.candidates", "reranker.fuse_weig
 # what encoding questions or passages with the trained bi-encoder reads
 _ENCODE_PARAMS = ("retriever.precision", "retriever.runtime")
 # train-reranker: every reranker key but those only reranking at inference reads, so that
-# trying another max_windows or runtime does not retrain it (tests/test_stage_params.py)
+# trying another max_windows or runtime does not retrain it (tests/test_stage_declarations.py)
 _RERANK_TRAIN_PARAMS = tuple(f"reranker.{f.name}" for f in fields(RerankerConfig)
                              if f.name not in RerankerConfig.INFERENCE_ONLY)
 
