@@ -107,8 +107,8 @@ EVERYTHING = TINY_RAG_PARAMS.replace("retriever:\n", "retriever:\n  loss: distil
 
 
 class Opened:
-    """The files under ``root`` opened for reading from Python while ``on`` (an audit hook:
-    ``open`` events; hooks cannot be removed, so one per process, idle when off)."""
+    """Within ``with Opened(root)``, the files under ``root`` opened for reading from Python (an
+    audit hook on ``open`` events; hooks cannot be removed: one per process, idle outside)."""
 
     current: Opened | None = None
     hooked = False
