@@ -155,6 +155,27 @@ def test_new_head_found_and_attention_dropout_off(tiny_reranker: Reranker) -> No
     assert Reranker.from_pretrained(spec, seed=1).fingerprint() != tiny_reranker.fingerprint()
 
 
+def test_training_forward_under_autocast_masks_in_its_dtype(tiny_reranker: Reranker) -> None:
+    """The additive padding mask (models.autocast_padding_mask) is built in bf16 under bf16
+    autocast; the logits are those of transformers' own fp32 mask within bf16 rounding, and
+    without autocast the 2-D mask goes through as it is."""
+    from ragtrain import models
+
+    qs, ps = ["what river?", "who?"], ["a passage " * 20, "short"]
+    enc = tiny_reranker.tokenize(qs, ps, padding=True)
+    assert models.autocast_padding_mask(tiny_reranker.model, enc["attention_mask"]) is (
+        enc["attention_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask = models.autocast_padding_mask(tiny_reranker.model, enc["attention_mask"])
+        assert mask.dtype == torch.bfloat16 and mask.shape == (2, 1, 1, enc["input_ids"].shape[1])
+        assert mask[1, 0, 0].eq(0).tolist() == enc["attention_mask"][1].bool().tolist()
+        got = tiny_reranker.forward_pairs(qs, ps)
+        want = tiny_reranker.model(**enc).logits[:, 0]
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert models.autocast_padding_mask(torch.nn.Linear(2, 2), enc["attention_mask"]) is (
+        enc["attention_mask"])  # not a BERT-style encoder: transformers builds its own
+
+
 def test_score_batched_equals_one_by_one(tiny_reranker: Reranker) -> None:
     qs = ["what river?", "a much longer question with many more words in it " * 20]
     ps = [["short", "a passage " * 80, "mid size passage"], ["x", "y y y"]]

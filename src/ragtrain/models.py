@@ -115,3 +115,23 @@ def one_token_attention(model: Any) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def autocast_padding_mask(model: Any, attention_mask: Any) -> Any:
+    """A BERT-style encoder's padding mask for a training forward under autocast: additive,
+    (batch, 1, 1, keys), in the autocast dtype; otherwise ``attention_mask`` as it is.
+    transformers builds the additive mask in the embeddings' dtype (fp32), so under bf16
+    autocast the eager attention's scores + mask add comes out in fp32, and the softmax, its
+    backward and a cast back run in fp32 too (the copy generator's ``_mask_dtype``: the same
+    fix). 0 and the dtype's minimum are exact in either dtype."""
+    import torch
+
+    dev = attention_mask.device.type
+    cfg = getattr(model, "config", None)
+    if (not torch.is_autocast_enabled(dev) or attention_mask.dim() != 2
+            or getattr(cfg, "model_type", None) not in EAGER_TRAINING_TYPES):
+        return attention_mask
+    dtype = torch.get_autocast_dtype(dev)
+    mask = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype,
+                       device=attention_mask.device)
+    return mask.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)

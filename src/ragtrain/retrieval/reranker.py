@@ -29,7 +29,12 @@ from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import RagtrainError, RetrievalError
 from ragtrain.io import atomic_path
-from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
+from ragtrain.models import (
+    autocast_padding_mask,
+    model_load_error,
+    resolve_model_path,
+    without_attention_dropout,
+)
 from ragtrain.retrieval.onnx_runtime import ONNX_BATCH, OnnxModel, on_runtime, onnx_cross_encoder
 from ragtrain.retrieval.windows import passage_windows
 
@@ -195,7 +200,9 @@ class Reranker(torch.nn.Module):
         """Logits # (n_pairs,) with gradients (training)."""
         enc = self.tokenize(questions, passages, padding=True)
         dev = next(self.parameters()).device
-        return self.model(**{k: v.to(dev) for k, v in enc.items()}).logits[:, 0]
+        enc = {k: v.to(dev) for k, v in enc.items()}
+        enc["attention_mask"] = autocast_padding_mask(self.model, enc["attention_mask"])
+        return self.model(**enc).logits[:, 0]
 
     @torch.inference_mode()
     def score(self, questions: Sequence[str], passage_lists: Sequence[Sequence[PassageText]],
