@@ -24,7 +24,6 @@ Run it alone (two benchmarks at once halve each other), under jemalloc as the st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ def reranker_case(root: Path) -> tuple[Callable, float]:
     from ragtrain.retrieval.reranker import Reranker, RerankerSpec, passage_texts
 
     cfg = load_config(root / "params.yaml")
-    rk = dataclasses.replace(cfg.reranker, enabled=True)
+    rk = cfg.reranker
     paths = Paths(root)
     corpus = Corpus.load(paths.corpus)
     rows = rt.labelled(read_queries(paths, "train"))
@@ -58,17 +57,9 @@ def reranker_case(root: Path) -> tuple[Callable, float]:
 
     def make() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor], dict[str, float]]:
         model = Reranker.from_pretrained(RerankerSpec.from_config(rk), seed=cfg.seed)
-        if rk.window_words:
-            gold, pools, texts = rt.window_candidates(rows, corpus, model.spec, bm25,
-                                                      rk.negatives_depth)
-        else:
-            ranked = bm25.search(questions, min(rk.negatives_depth, len(corpus)))[1]
-            pools = rt.negative_pools(rows, ranked, corpus)
-            gold = [r["gold_passage_ids"][0] for r in rows]
-            texts = {pid: t[0] for pid, t in passage_texts(corpus, model.spec).items()}
-        lists = [[g, *pool] for g, pool in zip(gold, pools, strict=True)]
-        batches = rt.CandidateBatches(gold, pools, rt.pair_lengths(model, questions, lists, texts),
-                                      rk.train_candidates, rk.batch_questions, cfg.seed)
+        batches, texts = rt.training_batches(model, corpus, rows, rk,
+                                             passage_texts(corpus, model.spec), bm25=bm25,
+                                             seed=cfg.seed)
         fn = rt.make_loss_fn(model, questions, texts, batches, runtime.amp_dtype(rk.precision))
         return model, lambda i: fn(i)[0], {p: rk.head_lr for p in model.new_params}
 

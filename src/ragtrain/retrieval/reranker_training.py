@@ -167,6 +167,26 @@ def pair_lengths(model: Reranker, questions: Sequence[str], candidates: Sequence
             for q, row in zip(q_len, candidates, strict=True)]
 
 
+def training_batches(model: Reranker, corpus: Corpus, rows: Sequence[Mapping[str, Any]],
+                     cfg: RerankerConfig, texts: Mapping[str, PassageText], *, bm25: Any,
+                     seed: int) -> tuple[CandidateBatches, dict[str, str]]:
+    """The training batches of labelled ``rows`` and the input text of each candidate id:
+    windows (``window_candidates``) or whole passages (``texts``, from ``passage_texts``) with
+    BM25's top ``negatives_depth`` as negative pools."""
+    questions = [r["question"] for r in rows]
+    if model.spec.window_words:
+        gold, pools, train_texts = window_candidates(rows, corpus, model.spec, bm25,
+                                                     cfg.negatives_depth)
+    else:
+        _, ranked = bm25.search(questions, min(cfg.negatives_depth, len(corpus)))
+        pools = negative_pools(rows, ranked, corpus)
+        gold = [r["gold_passage_ids"][0] for r in rows]
+        train_texts = {pid: t[0] for pid, t in texts.items()}
+    lists = [[g, *pool] for g, pool in zip(gold, pools, strict=True)]
+    return CandidateBatches(gold, pools, pair_lengths(model, questions, lists, train_texts),
+                            cfg.train_candidates, cfg.batch_questions, seed), train_texts
+
+
 def make_loss_fn(model: Reranker, questions: Sequence[str], texts: Mapping[str, str],
                  batches: CandidateBatches, amp: torch.dtype | None
                  ) -> Callable[[int], tuple[torch.Tensor, int]]:
@@ -248,17 +268,7 @@ def train_reranker(
         raise DataError("train_reranker: no training question has a gold passage")
     texts = passage_texts(corpus, model.spec)  # what dev reranking reads of each passage
     questions = [r["question"] for r in rows]
-    if model.spec.window_words:
-        gold, pools, train_texts = window_candidates(rows, corpus, model.spec, bm25,
-                                                     cfg.negatives_depth)
-    else:
-        _, ranked = bm25.search(questions, min(cfg.negatives_depth, len(corpus)))
-        pools = negative_pools(rows, ranked, corpus)
-        gold = [r["gold_passage_ids"][0] for r in rows]
-        train_texts = {pid: t[0] for pid, t in texts.items()}
-    lists = [[g, *pool] for g, pool in zip(gold, pools, strict=True)]
-    batches = CandidateBatches(gold, pools, pair_lengths(model, questions, lists, train_texts),
-                               cfg.train_candidates, cfg.batch_questions, seed)
+    batches, train_texts = training_batches(model, corpus, rows, cfg, texts, bm25=bm25, seed=seed)
     amp = runtime.amp_dtype(cfg.precision)  # training autocast: bf16, fp16 (loss scaled) or none
     dev = labelled(dev_rows)
     if cfg.dev_questions and len(dev) > cfg.dev_questions:
