@@ -30,11 +30,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
   deploy-flows worker constraints
 
 # The other packages: uv installs them where it can (pip puts it into the venv, then it
-# downloads and unpacks in parallel: the venv in ~40 s against ~75 s for pip alone on 2
+# downloads and unpacks in parallel: the venv in 45 s against 92 s for pip alone on 2
 # cores), else pip (INSTALLER=pip picks pip). torch stays pip's, with pip's own configuration
 # (index, find-links), so the CPU build above is what both keep. Both install under
 # constraints.txt: the versions the committed reference run was made with (`make constraints`
-# rewrites it from this venv), so a fresh clone gets them, not whatever was released since.
+# rewrites it from this venv), so a fresh clone gets them, not whatever was released since;
+# `make venv CONSTRAINTS=` installs the newest releases within pyproject.toml's ranges.
 INSTALLER ?= uv
 CONSTRAINTS ?= constraints.txt
 
@@ -43,10 +44,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install -q uv; then \
-	  $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c $(CONSTRAINTS) \
-	    $(foreach l,$(PIP_FIND_LINKS),--find-links $(l)) -e ".[dev]" $(PIP_EXTRA); \
+	  $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python \
+	    $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(foreach l,$(PIP_FIND_LINKS),--find-links $(l)) \
+	    -e ".[dev]" $(PIP_EXTRA); \
 	else \
-	  $(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]" $(PIP_EXTRA); \
+	  $(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]" $(PIP_EXTRA); \
 	fi
 	touch $@
 
