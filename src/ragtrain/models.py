@@ -131,7 +131,13 @@ def autocast_padding_mask(model: Any, attention_mask: Any) -> Any:
     if (not torch.is_autocast_enabled(dev) or attention_mask.dim() != 2
             or getattr(cfg, "model_type", None) not in EAGER_TRAINING_TYPES):
         return attention_mask
-    dtype = torch.get_autocast_dtype(dev)
-    mask = torch.zeros(attention_mask.shape[0], 1, 1, attention_mask.shape[1], dtype=dtype,
-                       device=attention_mask.device)
-    return mask.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+    return additive_mask(attention_mask[:, None, None, :] != 0, torch.get_autocast_dtype(dev))
+
+
+def additive_mask(allow: Any, dtype: Any) -> Any:
+    """The additive attention mask of boolean ``allow`` (already shaped to broadcast over the
+    heads): 0 where a query may attend, the dtype's minimum where not."""
+    import torch
+
+    mask = torch.zeros(allow.shape, dtype=dtype, device=allow.device)
+    return mask.masked_fill_(~allow, torch.finfo(dtype).min)

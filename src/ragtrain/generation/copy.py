@@ -37,7 +37,7 @@ from ragtrain.generation.inputs import (
     holds_answer,
     word_ends,
 )
-from ragtrain.models import one_token_attention
+from ragtrain.models import additive_mask, one_token_attention
 
 
 class CopyGenerator(nn.Module):
@@ -84,9 +84,7 @@ class CopyGenerator(nn.Module):
         allow[:, :, :s] = src_mask[:, None, :].bool()
         causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         allow[:, s:, s:] = causal[None] & tgt_mask[:, None, :].bool()
-        dtype = self._mask_dtype(dev)
-        mask = torch.zeros(b, 1, s + t, s + t, dtype=dtype, device=dev)
-        mask.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+        mask = additive_mask(allow[:, None], self._mask_dtype(dev))
         return self.backbone(input_ids=torch.cat([src, tgt], 1), attention_mask=mask,
                              token_type_ids=types, position_ids=pos, **kw)
 
@@ -115,12 +113,10 @@ class CopyGenerator(nn.Module):
     def step(self, y: torch.Tensor, cache: Any, src_mask: torch.Tensor, t: int
              ) -> tuple[torch.Tensor, Any]:
         """Decoding: the state (B,1,H) of target token ``y`` (B,) at target position ``t``."""
-        (b, s), dev = src_mask.shape, y.device
+        b, dev = src_mask.shape[0], y.device
         pos = src_mask.sum(1)[:, None] + t
         allow = torch.cat([src_mask.bool(), torch.ones(b, t + 1, dtype=torch.bool, device=dev)], 1)
-        dtype = self._mask_dtype(dev)
-        mask = torch.zeros(b, 1, 1, s + t + 1, dtype=dtype, device=dev)
-        mask.masked_fill_(~allow[:, None, None], torch.finfo(dtype).min)
+        mask = additive_mask(allow[:, None, None], self._mask_dtype(dev))
         self.backbone.config.is_decoder = True
         try:
             with one_token_attention(self.backbone):  # eager: faster for one query on a CPU
