@@ -49,7 +49,8 @@ from ragtrain.evaluation.answers import score_one  # noqa: E402
 from ragtrain.generation.generator import Generator, Prediction  # noqa: E402
 from ragtrain.generation.reading import pick, read_inputs  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.retrieval.encoder import BiEncoder, passage_inputs  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder  # noqa: E402
+from ragtrain.retrieval.passage_text import passage_inputs  # noqa: E402
 
 COMBINED = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # c in cosine - c x p(empty answer)
 

@@ -22,8 +22,9 @@ from ragtrain.config import load_config
 from ragtrain.data.corpus import Corpus
 from ragtrain.io import read_jsonl
 from ragtrain.pipeline.paths import Paths
-from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
 from ragtrain.retrieval.metrics import evaluate_retrieval
+from ragtrain.retrieval.passage_text import passage_inputs
 from ragtrain.retrieval.training import exact_search, labelled, train_retriever
 
 

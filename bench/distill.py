@@ -34,7 +34,8 @@ from ragtrain.retrieval.distill import (  # noqa: E402
     score_candidates,
     teacher_candidates,
 )
-from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec  # noqa: E402
+from ragtrain.retrieval.passage_text import passage_inputs  # noqa: E402
 from ragtrain.retrieval.reranker import Reranker  # noqa: E402
 from ragtrain.retrieval.training import evaluate_dense, labelled, train_retriever  # noqa: E402
 

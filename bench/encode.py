@@ -42,8 +42,9 @@ from ragtrain import runtime  # noqa: E402
 from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.errors import RagtrainError  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
-from ragtrain.retrieval.encoder import BiEncoder, passage_inputs  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder  # noqa: E402
 from ragtrain.retrieval.onnx_runtime import ONNX_BATCH  # noqa: E402
+from ragtrain.retrieval.passage_text import passage_inputs  # noqa: E402
 from ragtrain.retrieval.training import exact_search, labelled  # noqa: E402
 
 BATCH, MAX_LEN = 64, 256

@@ -35,9 +35,10 @@ from ragtrain.data.corpus import Corpus  # noqa: E402
 from ragtrain.io import read_jsonl  # noqa: E402
 from ragtrain.models import resolve_model_path  # noqa: E402
 from ragtrain.pipeline.paths import Paths  # noqa: E402
-from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs  # noqa: E402
+from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec  # noqa: E402
 from ragtrain.retrieval.index import build_index, search  # noqa: E402
 from ragtrain.retrieval.metrics import evaluate_retrieval  # noqa: E402
+from ragtrain.retrieval.passage_text import passage_inputs  # noqa: E402
 from ragtrain.retrieval.search import Retriever  # noqa: E402
 from ragtrain.retrieval.training import Batches, exact_search, labelled  # noqa: E402
 

@@ -51,7 +51,8 @@ def toy() -> tuple[Corpus, list[dict], list[dict]]:
 
 def train_retriever(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.Module, list]:
     from ragtrain.retrieval.bm25 import BM25Retriever
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
     from ragtrain.retrieval.training import train_retriever
 
     corpus, train, dev = toy()
@@ -89,7 +90,7 @@ def train_retriever(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.
 def train_reranker(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.Module, list]:
     from ragtrain.config import RerankerConfig
     from ragtrain.retrieval.bm25 import BM25Retriever
-    from ragtrain.retrieval.encoder import passage_inputs
+    from ragtrain.retrieval.passage_text import passage_inputs
     from ragtrain.retrieval.reranker import Reranker, RerankerSpec
     from ragtrain.retrieval.reranker_training import train_reranker
 
@@ -141,7 +142,8 @@ def refresh_index(model_dir: str, ckpt: Path, variant: str) -> tuple[torch.nn.Mo
     from ragtrain.generation import joint_refresh
     from ragtrain.generation.generator import Generator
     from ragtrain.generation.joint import FixedPassages, JointRAG
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     corpus, _, dev = toy()
     torch.manual_seed(0)

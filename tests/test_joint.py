@@ -95,7 +95,8 @@ def test_k1_reduces_to_the_generators_plain_loss(tiny_bert_dir: Path, marginal: 
 
 def test_gradient_reaches_query_encoder_and_generator_not_passage_side(
         tiny_bert_dir: Path) -> None:
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     torch.manual_seed(0)
     retriever = BiEncoder.from_pretrained(EncoderSpec(str(tiny_bert_dir)))  # shared towers
@@ -122,7 +123,8 @@ def test_gradient_reaches_query_encoder_and_generator_not_passage_side(
 def test_no_cosine_term_leaves_the_marginal_alone(tiny_bert_dir: Path) -> None:
     """The gradient reaching the query encoder comes through p(z|x) alone when the auxiliary
     term is off (with k = 1 there is nothing to marginalise: no gradient at all)."""
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     torch.manual_seed(0)
     retriever = BiEncoder.from_pretrained(EncoderSpec(str(tiny_bert_dir)))
@@ -165,7 +167,8 @@ def test_windows_repeating_a_passage_vector_change_nothing(tiny_bert_dir: Path) 
     """Each passage's vector on three rows (three identical windows): the same retrieval, the
     same joint loss, the same gradient as one row each; and the distinct passages are what the
     generator reads."""
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     torch.manual_seed(0)
     retriever = BiEncoder.from_pretrained(EncoderSpec(str(tiny_bert_dir)))

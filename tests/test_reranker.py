@@ -18,8 +18,8 @@ from ragtrain.config import Config, RerankerConfig, config_from_dict, load_confi
 from ragtrain.data.corpus import Corpus, Passage
 from ragtrain.errors import ConfigError, RagtrainError, RetrievalError
 from ragtrain.retrieval.bm25 import BM25Retriever
-from ragtrain.retrieval.encoder import passage_inputs
 from ragtrain.retrieval.losses import listwise_softmax_ce
+from ragtrain.retrieval.passage_text import passage_inputs
 from ragtrain.retrieval.reranker import (
     Reranker,
     RerankerSpec,

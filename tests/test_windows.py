@@ -13,7 +13,7 @@ from ragtrain.config import IndexConfig, load_config
 from ragtrain.data.corpus import Passage
 from ragtrain.errors import ConfigError, IndexFileError, RetrievalError
 from ragtrain.retrieval import index as ix
-from ragtrain.retrieval.encoder import passage_inputs
+from ragtrain.retrieval.passage_text import passage_inputs
 from ragtrain.retrieval.windows import (
     best_per_passage,
     passage_windows,

@@ -217,7 +217,7 @@ class RAGModel:
         rel: list[float | None] = [None] * len(questions)
         if below is not None:  # abstention: the first passage's relevance under the bi-encoder
             from ragtrain.evaluation.abstention import abstention_score, relevance
-            from ragtrain.retrieval.encoder import passage_inputs
+            from ragtrain.retrieval.passage_text import passage_inputs
 
             rel = [abstention_score(r, p.null, self.reading.abstain_null_weight) for r, p in zip(
                 relevance(self._encoder(), questions,

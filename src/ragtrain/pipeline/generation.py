@@ -290,7 +290,8 @@ def _abstention(cfg: Config, paths: Paths, gen: Any, corpus: Any, split: str,
     )
     from ragtrain.evaluation.answers import score_one
     from ragtrain.generation.reading import answer_each
-    from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     gc, k = cfg.generator, cfg.retriever.top_k
     encoder = BiEncoder.load(paths.retriever)

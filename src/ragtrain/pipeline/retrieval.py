@@ -19,7 +19,7 @@ def run_build_bm25(cfg: Config, paths: Paths) -> Path:
     """data/prepared/corpus.jsonl -> artifacts/bm25 (BM25 over title + text)."""
     from ragtrain.data.corpus import Corpus
     from ragtrain.retrieval.bm25 import BM25Retriever
-    from ragtrain.retrieval.encoder import passage_inputs
+    from ragtrain.retrieval.passage_text import passage_inputs
 
     corpus = Corpus.load(paths.corpus)
     BM25Retriever.build(passage_inputs(corpus.passages), corpus.ids,
@@ -35,7 +35,8 @@ def run_train_retriever(cfg: Config, paths: Paths, *, resume: bool = True,
     from ragtrain.data.corpus import Corpus, check_gold_ids
     from ragtrain.pipeline.history import TrainingRecord
     from ragtrain.retrieval.bm25 import BM25Retriever
-    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec, passage_inputs
+    from ragtrain.retrieval.encoder import BiEncoder, EncoderSpec
+    from ragtrain.retrieval.passage_text import passage_inputs
     from ragtrain.retrieval.training import train_retriever
 
     rc = cfg.retriever

@@ -8,7 +8,7 @@ index to the encoder that built it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from ragtrain import runtime
 from ragtrain.config import RetrieverConfig
-from ragtrain.data.corpus import Passage
 from ragtrain.errors import RagtrainError
 from ragtrain.io import atomic_path
 from ragtrain.models import model_load_error, resolve_model_path, without_attention_dropout
@@ -234,14 +233,3 @@ def encode_with(forward: Callable[[torch.Tensor, torch.Tensor], np.ndarray], tok
     bar.close()
     assert out is not None
     return out
-
-
-def passage_input(title: str, text: str) -> str:
-    """What the encoders and BM25 see of a passage: its title, then its text."""
-    title = title.replace("_", " ").strip()
-    return f"{title}. {text}" if title else text
-
-
-def passage_inputs(passages: Iterable[Passage]) -> list[str]:
-    """The encoders' input text of each passage (``passage_input``), in order."""
-    return [passage_input(p.title, p.text) for p in passages]

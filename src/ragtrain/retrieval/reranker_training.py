@@ -29,10 +29,10 @@ from ragtrain.config import RerankerConfig
 from ragtrain.data.corpus import Corpus
 from ragtrain.errors import DataError
 from ragtrain.retrieval.bm25 import BM25Retriever
-from ragtrain.retrieval.encoder import passage_input
 from ragtrain.retrieval.losses import listwise_softmax_ce
 from ragtrain.retrieval.metrics import answer_in_passage, evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
+from ragtrain.retrieval.passage_text import passage_input
 from ragtrain.retrieval.reranker import (
     PassageText,
     Reranker,

@@ -20,10 +20,11 @@ from ragtrain.data.corpus import Corpus
 from ragtrain.errors import ConfigError, DataError
 from ragtrain.retrieval import losses
 from ragtrain.retrieval.distill import TeacherScores, distill_negatives
-from ragtrain.retrieval.encoder import BiEncoder, passage_inputs
+from ragtrain.retrieval.encoder import BiEncoder
 from ragtrain.retrieval.grad_cache import grad_cached_loss
 from ragtrain.retrieval.metrics import evaluate_retrieval
 from ragtrain.retrieval.mining import mine_hard_negatives
+from ragtrain.retrieval.passage_text import passage_inputs
 
 
 def labelled(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ def passage_windows(passages: Iterable[Passage], words: int,
                     stride: int) -> tuple[list[str], list[str]]:
     """The encoder inputs of every passage's windows, in passage order, and the id of the
     passage each belongs to. ``words`` 0: one input per passage (``passage_input``)."""
-    from ragtrain.retrieval.encoder import passage_input
+    from ragtrain.retrieval.passage_text import passage_input
 
     texts: list[str] = []
     owners: list[str] = []
