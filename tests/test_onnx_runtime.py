@@ -101,7 +101,7 @@ def test_stages_with_onnx_int8(tmp_path: Path, tiny_bert_dir: Path,
 
 
 def test_reranker_on_onnx_scores_as_torch(tiny_bert_dir: Path) -> None:
-    from ragtrain.generation.rag import RERANK_KEYS, Rerank
+    from ragtrain.generation.bundle import RERANK_KEYS, Rerank
     from ragtrain.retrieval.reranker import Reranker, RerankerSpec
 
     r = Reranker.from_pretrained(RerankerSpec(str(tiny_bert_dir), max_length=64))

@@ -41,7 +41,8 @@ def test_bundle_ask_and_pyfunc_rerank(reranking_project: Path, tmp_path: Path,
     import mlflow.pyfunc
     import pandas as pd
 
-    from ragtrain.generation.rag import RAGModel, reranker_fingerprint
+    from ragtrain.generation.bundle import reranker_fingerprint
+    from ragtrain.generation.rag import RAGModel
     from ragtrain.retrieval.reranker import passage_texts
     from ragtrain.tracking.pyfunc import save_rag_pyfunc
 

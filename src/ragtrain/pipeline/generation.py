@@ -366,7 +366,7 @@ def _write_evaluate_disabled(paths: Paths) -> dict[str, float]:
 def model_parts(cfg: Config, paths: Paths) -> dict[str, Any]:
     """What ``RAGModel.from_parts`` / ``export_bundle`` take from the current outputs: the
     retriever parts, the generator unless skipped, the reranker when reranker.enabled."""
-    from ragtrain.generation.rag import Reading, Rerank
+    from ragtrain.generation.bundle import Reading, Rerank
 
     parts: dict[str, Any] = dict(paths.rag_parts())
     if parts.get("generator_dir") is not None:
@@ -402,7 +402,7 @@ def check_parts(parts: Mapping[str, Any], eval_queries: Path) -> None:
 def run_package(cfg: Config, paths: Paths) -> dict[str, Any]:
     """The parts -> artifacts/rag, a self-contained RAG model bundle (what MLflow registers);
     without a generator, a retriever bundle; with reranker.enabled, the reranker bound in."""
-    from ragtrain.generation.rag import export_bundle
+    from ragtrain.generation.bundle import export_bundle
 
     parts = model_parts(cfg, paths)
     check_parts(parts, paths.queries(cfg.evaluation.split))

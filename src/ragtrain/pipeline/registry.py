@@ -19,7 +19,7 @@ from ragtrain.pipeline.tracked import numeric, tracked
 def run_register(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Register the RAG model bundle (artifacts/rag) and its parts in MLflow as ``challenger``,
     with its evaluation metrics, in a `register` run -> artifacts/registered.json."""
-    from ragtrain.generation.rag import MANIFEST, RAG
+    from ragtrain.generation.bundle import MANIFEST, RAG
     from ragtrain.tracking import registry
 
     if not (cfg.registry.register and cfg.tracking.enabled):  # the registry is MLflow's
