@@ -93,6 +93,10 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune the generator by MLE on the train questions with their retrieved passages
     (dev F1 picks the best checkpoint) -> artifacts/generator."""
+    gc = cfg.generator
+    enabled, reason = generator_plan(cfg, paths)
+    if not enabled:  # before the imports: data without answers skips it in a second
+        return write_generator_disabled(cfg, paths, reason)
     from ragtrain import distributed
     from ragtrain.data.corpus import Corpus
     from ragtrain.generation.generator import Generator
@@ -100,10 +104,6 @@ def run_train_generator(cfg: Config, paths: Paths, *, resume: bool = True,
     from ragtrain.pipeline.history import TrainingRecord
     from ragtrain.trainer import prepare_ckpt_dir, seed_everything
 
-    gc = cfg.generator
-    enabled, reason = generator_plan(cfg, paths)
-    if not enabled:
-        return write_generator_disabled(cfg, paths, reason)
     corpus = Corpus.load(paths.corpus)
     (train, train_out), (dev, dev_out) = (_answered(paths, s, "train_generator")
                                           for s in ("train", "dev"))
@@ -137,7 +137,9 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
     retrieved passages, beside the same generator given the gold passage, the untrained
     generator and a non-learned baseline; answer recall of the passages it read
     -> metrics/generator.json + a per-question table."""
-    import evaluate as hf_evaluate
+    if paths.generator_disabled.exists():  # train_generator skipped it: nothing to score
+        return _write_evaluate_disabled(paths)
+    import evaluate as hf_evaluate  # ~3 s to import (transformers' pipelines): after the skip
 
     from ragtrain import runtime
     from ragtrain.data.corpus import Corpus
@@ -150,8 +152,6 @@ def run_evaluate(cfg: Config, paths: Paths, *, progress: bool = True) -> dict[st
 
     split, gc, k = cfg.evaluation.split, cfg.generator, cfg.retriever.top_k
     n_read = k * gc.answer_from  # passages read: answer_from inputs of top_k passages each
-    if paths.generator_disabled.exists():  # train_generator skipped it: nothing to score
-        return _write_evaluate_disabled(paths)
     if not read_queries(paths, split):
         raise DataError(f"{paths.queries(split)}: no questions to evaluate")
     rows, left_out = _answered(paths, split, "evaluate")
