@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,10 @@ from ragtrain.evaluation.answers import score_answers
 from ragtrain.pipeline.generation import run_train_generator
 from ragtrain.pipeline.paths import Paths
 from tests.conftest import Crash, crash_at
+
+# the stages that run no model (README: "never import torch")
+MODEL_FREE = ("fetch", "prepare", "build-bm25", "package", "register", "report")
+HEAVY = {"torch", "transformers", "evaluate", "faiss"}
 
 
 def run(*args: str) -> int:
@@ -158,6 +164,17 @@ def test_generator_stage_runs_are_tracked_in_mlflow(tiny_rag_project: Path) -> N
     assert not set(idle) & {r.info.run_name for r in mc.search_runs([exp.experiment_id])}
     timings = json.loads((tiny_rag_project / "timings/timings.json").read_text())
     assert {f"{s.replace('-', '_')}/wall_seconds" for s in idle} <= set(timings)
+
+    # the stages that run no model import no torch (~1.5 s a run), transformers or evaluate, in
+    # a fresh process, tracked as here (register registers); stage by stage
+    code = ("import json, sys\nfrom ragtrain import cli\nseen = {}\n"
+            f"for s in {MODEL_FREE!r}:\n    assert cli.main([s]) == 0, s\n"
+            f"    seen[s] = sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules)\n"
+            "print(json.dumps(seen))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tiny_rag_project, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {s: [] for s in MODEL_FREE}
 
 
 def manifest_reading(project: Path) -> dict:
