@@ -1,7 +1,7 @@
 """The RAG model as an MLflow pyfunc: part of the tracking layer (it imports mlflow).
 
 ``save_rag_pyfunc`` writes an MLflow model folder around a RAG bundle (the self-contained folder
-``rag.export_bundle`` writes; weights in safetensors). The model is saved "from code": the model
+``bundle.export_bundle`` writes; weights in safetensors). The model is saved "from code": the model
 folder holds a three-line Python file that builds ``RAGPyfunc``, so nothing is pickled. Loading
 (``mlflow.pyfunc.load_model("models:/<name>@champion")`` or ``mlflow models serve``) runs
 ``RAGPyfunc.load_context``, which calls ``RAGModel.load`` on the bundle copied into the model's
